@@ -1,0 +1,5 @@
+import sys
+
+from tli.cli import main
+
+sys.exit(main())

@@ -1,0 +1,71 @@
+"""The `tli` command: parse arguments, call a stage, turn user errors into one line.
+
+Each stage module exposes ``register(subparsers)``, which adds its subcommand and sets
+``func`` to a small function that calls the stage. This file only dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from tli.errors import TLIError
+
+#: Stage modules that contribute subcommands, in the order `tli --help` lists them.
+STAGES = ("tli.pairs", "tli.embed", "tli.scan", "tli.train", "tli.plots")
+
+log = logging.getLogger("tli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with one subcommand per stage."""
+    from tli import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="tli",
+        description="Targeted Lexical Injection: find, train and honestly measure "
+        "cross-lingual lexical alignment in language models.",
+    )
+    parser.add_argument("--version", action="version", version=f"tli {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in STAGES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"tli: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine())
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `tli` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TLIError as err:
+        print(f"tli: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tli: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

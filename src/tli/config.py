@@ -1,0 +1,146 @@
+"""Config dataclasses <-> command-line options, and presets.
+
+Each stage's config is a frozen dataclass whose fields carry ``metadata={"help": ...}``; the
+help doubles as the CLI help (STYLE.md, point 3), so options are written down once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+from tli.errors import TLIError
+
+T = TypeVar("T")
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(the non-None type, whether None is allowed) of a field annotation."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _converter(tp: Any, name: str):
+    base, optional = _base_type(tp)
+
+    def convert(text: str) -> Any:
+        if optional and text.lower() in ("none", "null", ""):
+            return None
+        if get_origin(base) is Literal:
+            choices = get_args(base)
+            if text not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"{text!r} is not one of {', '.join(map(str, choices))}"
+                )
+            return text
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
+        if get_origin(base) is tuple or base is tuple:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        try:
+            return base(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a valid {getattr(base, '__name__', base)}"
+            ) from None
+
+    convert.__name__ = name  # argparse names the type in its error message
+    return convert
+
+
+def add_dataclass_arguments(
+    parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()
+) -> None:
+    """Add one ``--field-name`` option per field of ``cls`` (default: unset, so presets apply)."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or f.name.startswith("_"):
+            continue
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        base, _ = _base_type(hints[f.name])
+        if base is bool and default is False:
+            group.add_argument(
+                _option(f.name),
+                dest=f.name,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help=f"{help_text} (default: off)",
+            )
+            continue
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        group.add_argument(
+            _option(f.name),
+            dest=f.name,
+            type=_converter(hints[f.name], f.name),
+            default=argparse.SUPPRESS,
+            metavar=f.name.upper(),
+            help=f"{help_text} (default: {shown})",
+        )
+
+
+def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that were given on the command line."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names}
+
+
+def build(cls: type[T], *layers: dict[str, Any]) -> T:
+    """``cls`` built from its defaults, updated by each mapping in turn (preset, file, CLI)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in names:
+                raise TLIError(
+                    f"unknown {cls.__name__} key {key!r}; known: {', '.join(sorted(names))}"
+                )
+            values[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise TLIError(f"{cls.__name__}: {err}") from None
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON/TOML-friendly dict of a config dataclass (tuples become lists, None dropped)."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def check_range(
+    name: str,
+    value: float | int | None,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+) -> None:
+    """Raise TLIError naming ``name`` when ``value`` is outside [lo, hi] (or (lo, hi])."""
+    if value is None:
+        return
+    if isinstance(value, float) and value != value:
+        raise TLIError(f"{name} must be a number, got nan")
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        raise TLIError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise TLIError(f"{name} must be <= {hi}, got {value}")

