@@ -1,0 +1,425 @@
+"""Pure tensor metrics of cross-lingual lexical alignment.
+
+Every function takes vectors with any number of leading batch dimensions (typically layers) and is
+vectorised over them: ``src`` is ``(..., B, D)`` (B query words), ``tgt`` is ``(..., C, D)``
+(C candidate words); for translation pairs C == B and row i of ``src`` translates row i of ``tgt``.
+A ``gold`` mask ``(B, C)`` (bool; any shape broadcastable to ``(..., B, C)``) marks the correct
+candidates of each query: the diagonal plus every listed alternative gloss.
+
+Cosines are computed in float64 after a defensive L2 normalisation, so results are cosines even if
+the caller forgot to normalise. Nothing here knows about models, devices or files.
+
+Why these metrics: mean-pooled hidden states are anisotropic (any two words can have cosine > 0.9),
+so a raw pair cosine means nothing without the **mismatched-pair baseline**, the **margin** (pairs
+minus baseline) and **retrieval** P@k / MRR (nearest neighbour and CSLS); see DESIGN.md, fact 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from tli.errors import TLIError
+
+Ties = Literal["pessimistic", "optimistic"]
+
+
+def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise the last dimension.
+
+    Args:
+        x: Vectors ``(..., D)``.
+        eps: Lower bound on the norm, so that zero vectors stay zero instead of becoming NaN.
+
+    Returns:
+        Unit vectors ``(..., D)`` with the dtype of ``x``.
+    """
+    return torch.nn.functional.normalize(x, p=2.0, dim=-1, eps=eps)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Float64 unit vectors: the internal form of every cosine computation."""
+    return normalize(x.to(torch.float64))
+
+
+def center(x: torch.Tensor) -> torch.Tensor:
+    """Normalise, subtract the mean vector over the B axis, normalise again.
+
+    The centring correction of MUSE (Conneau et al. 2018) and vecmap (Artetxe et al. 2018,
+    "renorm, center, renorm"): it removes the common direction that makes mean-pooled hidden states
+    anisotropic. Centre each language's list separately (the mean is taken per list).
+
+    Args:
+        x: Vectors ``(..., B, D)``; the mean is taken over B separately per leading index.
+
+    Returns:
+        Centred unit vectors ``(..., B, D)`` with the dtype of ``x``.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"center expects (..., B, D), got shape {tuple(x.shape)}")
+    u = _unit(x)  # (..., B, D)
+    return normalize(u - u.mean(dim=-2, keepdim=True)).to(x.dtype)
+
+
+def _check_pair(src: torch.Tensor, tgt: torch.Tensor) -> None:
+    if src.dim() < 2 or tgt.dim() < 2:
+        raise ValueError(
+            f"expected (..., B, D) and (..., C, D), got {tuple(src.shape)} and {tuple(tgt.shape)}"
+        )
+    if src.shape[-1] != tgt.shape[-1]:
+        raise ValueError(f"hidden sizes differ: {src.shape[-1]} vs {tgt.shape[-1]}")
+
+
+def _check_square(src: torch.Tensor, tgt: torch.Tensor) -> None:
+    _check_pair(src, tgt)
+    if src.shape[-2] != tgt.shape[-2]:
+        raise ValueError(
+            f"translation pairs need as many targets as sources: {src.shape[-2]} vs {tgt.shape[-2]}"
+        )
+
+
+def pair_cosine(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Cosine of each translation pair: row i of ``src`` with row i of ``tgt``.
+
+    Args:
+        src: Source vectors ``(..., B, D)``.
+        tgt: Target vectors ``(..., B, D)``.
+
+    Returns:
+        Float64 cosines ``(..., B)``.
+    """
+    _check_square(src, tgt)
+    return (_unit(src) * _unit(tgt)).sum(dim=-1)  # (..., B)
+
+
+def similarity(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every query with every candidate.
+
+    Args:
+        src: Query vectors ``(..., B, D)``.
+        tgt: Candidate vectors ``(..., C, D)``.
+
+    Returns:
+        Float64 cosines ``(..., B, C)``; ``similarity(a, b)`` is ``similarity(b, a)`` transposed.
+    """
+    _check_pair(src, tgt)
+    return _unit(src) @ _unit(tgt).transpose(-1, -2)  # (..., B, C)
+
+
+def csls(src: torch.Tensor, tgt: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """Cross-domain similarity local scaling (CSLS) scores.
+
+    ``CSLS(x, y) = 2 cos(x, y) - r_T(x) - r_S(y)``, where ``r_T(x)`` is the mean cosine of query x
+    to its k nearest candidates and ``r_S(y)`` the mean cosine of candidate y to its k nearest
+    queries. It penalises hubs (vectors near everything), which plain nearest-neighbour retrieval
+    favours in anisotropic spaces. Reference: Conneau et al. 2018, "Word translation without
+    parallel data" (MUSE), eq. 6.
+
+    Args:
+        src: Query vectors ``(..., B, D)``.
+        tgt: Candidate vectors ``(..., C, D)``.
+        k: Neighbourhood size; clipped to C for ``r_T`` and to B for ``r_S``.
+
+    Returns:
+        Float64 scores ``(..., B, C)``.
+    """
+    return _csls_from_sim(similarity(src, tgt), k)
+
+
+def _csls_from_sim(sim: torch.Tensor, k: int) -> torch.Tensor:
+    """CSLS scores ``(..., B, C)`` from a cosine matrix ``(..., B, C)``."""
+    if k < 1:
+        raise ValueError(f"csls needs k >= 1, got {k}")
+    b, c = sim.shape[-2:]
+    r_t = sim.topk(min(k, c), dim=-1).values.mean(dim=-1)  # (..., B)
+    r_s = sim.topk(min(k, b), dim=-2).values.mean(dim=-2)  # (..., C)
+    return 2 * sim - r_t.unsqueeze(-1) - r_s.unsqueeze(-2)
+
+
+def _key(s: str) -> str:
+    """Normalised lookup key of a word: case-folded, whitespace collapsed."""
+    return " ".join(s.casefold().split())
+
+
+def gold_mask_from_keys(
+    query_gold: Sequence[set[str]], candidate_keys: Sequence[str]
+) -> torch.Tensor:
+    """Mask of correct candidates, built from strings.
+
+    Handles several glosses per word and both directions uniformly: for source -> target, pass each
+    source word's set of acceptable translations and the target list; for target -> source, each
+    target word's set of acceptable sources and the source list. Strings are compared case-folded
+    with whitespace collapsed.
+
+    Args:
+        query_gold: For each query i, the set of acceptable candidate strings.
+        candidate_keys: For each candidate j, its string.
+
+    Returns:
+        Bool mask ``(B, C)``: ``mask[i, j]`` is True when candidate j correctly answers query i.
+
+    Raises:
+        TLIError: If a query has no acceptable candidate among ``candidate_keys``.
+    """
+    index: dict[str, list[int]] = {}
+    for j, key in enumerate(candidate_keys):
+        index.setdefault(_key(key), []).append(j)
+    mask = torch.zeros(len(query_gold), len(candidate_keys), dtype=torch.bool)  # (B, C)
+    for i, golds in enumerate(query_gold):
+        cols = [j for g in golds for j in index.get(_key(g), ())]
+        if not cols:
+            raise TLIError(f"query {i}: none of {sorted(golds)!r} is among the candidates")
+        mask[i, cols] = True
+    return mask
+
+
+def _check_gold(gold: torch.Tensor, b: int, c: int, device: torch.device) -> torch.Tensor:
+    if gold.dtype != torch.bool:
+        raise ValueError(f"gold must be a bool mask, got {gold.dtype}")
+    if gold.dim() < 2 or tuple(gold.shape[-2:]) != (b, c):
+        raise ValueError(f"gold must be (..., {b}, {c}), got {tuple(gold.shape)}")
+    return gold.to(device)
+
+
+def _mismatched_rows(sim: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query row of ``sim`` (..., B, C): sum and count of non-gold cosines, (..., B) each."""
+    off = ~_check_gold(gold, *sim.shape[-2:], sim.device)  # (..., B, C)
+    row_sum = (sim * off).sum(dim=-1)  # (..., B)
+    row_count = off.sum(dim=-1).to(torch.float64).expand_as(row_sum)  # (..., B)
+    return row_sum, row_count
+
+
+def mismatched_baseline(src: torch.Tensor, tgt: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Mean cosine of the mismatched pairs: every (i, j) with ``gold[i, j]`` False.
+
+    The non-translation pairs of the same two lists, leaving out listed alternative glosses. It is
+    what a pair cosine must be compared against: in an anisotropic (or collapsed) space, unrelated
+    words are almost as similar as translations.
+
+    Args:
+        src: Query vectors ``(..., B, D)``.
+        tgt: Candidate vectors ``(..., C, D)``.
+        gold: Bool mask ``(B, C)`` of correct candidates.
+
+    Returns:
+        Float64 baseline ``(...,)``; NaN if every candidate is gold.
+    """
+    row_sum, row_count = _mismatched_rows(similarity(src, tgt), gold)
+    return row_sum.sum(dim=-1) / row_count.sum(dim=-1)
+
+
+def margin(src: torch.Tensor, tgt: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """Alignment margin: mean pair cosine minus the mismatched-pair baseline.
+
+    Positive when translations are closer than unrelated words; a training run that raises the pair
+    cosine by collapsing the space leaves it near zero (DESIGN.md, fact 2).
+
+    Args:
+        src: Source vectors ``(..., B, D)``.
+        tgt: Target vectors ``(..., B, D)``; row i translates ``src`` row i.
+        gold: Bool mask ``(B, B)`` of correct candidates (diagonal plus alternatives).
+
+    Returns:
+        Float64 margin ``(...,)``.
+    """
+    return pair_cosine(src, tgt).mean(dim=-1) - mismatched_baseline(src, tgt, gold)
+
+
+def margin_ci(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    gold: torch.Tensor,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Percentile bootstrap confidence interval of the margin.
+
+    Resamples pairs (query rows i, with replacement) and recomputes both the mean pair cosine and
+    the baseline on each resample. The baseline of a resample is taken over the resampled query
+    rows against *all* candidates of the original list (the candidate side is not resampled):
+    ``margin_b = mean(pair[idx]) - sum(row_sum[idx]) / sum(row_count[idx])``, where ``row_sum`` /
+    ``row_count`` are each row's sum / number of mismatched cosines. The same resamples are used for
+    every leading index (layer), so layers are compared on equal terms.
+
+    Args:
+        src: Source vectors ``(..., B, D)``.
+        tgt: Target vectors ``(..., B, D)``.
+        gold: Bool mask ``(B, B)`` of correct candidates.
+        n_boot: Number of bootstrap resamples.
+        seed: Seed of the ``torch.Generator`` drawing the resamples; same seed, same interval.
+        level: Coverage of the interval, in (0, 1).
+
+    Returns:
+        ``(lo, hi)``, float64 tensors ``(...,)``.
+    """
+    src, tgt = src.detach(), tgt.detach()
+    rows = _mismatched_rows(similarity(src, tgt), gold)
+    return _bootstrap_margin(pair_cosine(src, tgt), *rows, n_boot=n_boot, seed=seed, level=level)
+
+
+def _bootstrap_margin(
+    pair: torch.Tensor,
+    row_sum: torch.Tensor,
+    row_count: torch.Tensor,
+    *,
+    n_boot: int,
+    seed: int,
+    level: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margin interval from per-row pair cosines, mismatched sums and counts, ``(..., B)`` each."""
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    b = pair.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(b, (n_boot, b), generator=gen)  # (n_boot, B), drawn on the CPU
+    # Multiplicity of each row in each resample, so the resampled sums are one matmul.
+    weights = (
+        torch.zeros(n_boot, b, dtype=torch.float64)
+        .scatter_add_(1, idx, torch.ones(n_boot, b, dtype=torch.float64))
+        .T.to(pair.device)
+    )  # (B, n_boot)
+    boot = (pair @ weights) / b - (row_sum @ weights) / (row_count @ weights)  # (..., n_boot)
+    alpha = (1 - level) / 2
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64, device=pair.device)
+    lo, hi = torch.quantile(boot, q, dim=-1)  # (...,) each
+    return lo, hi
+
+
+def retrieval(
+    scores: torch.Tensor,
+    gold: torch.Tensor,
+    ks: Sequence[int] = (1, 5),
+    ties: Ties = "pessimistic",
+) -> dict[str, torch.Tensor]:
+    """Retrieval precision at k and mean reciprocal rank.
+
+    For query i the rank is that of its best-ranked gold candidate (any listed alternative counts
+    as a hit): ``rank = 1 + #{non-gold j : scores[i, j] >= best gold score}``. Ties with non-gold
+    candidates count against the query (``ties="pessimistic"``, the default), so a collapsed space
+    where every score is equal gets no credit; ``ties="optimistic"`` counts only strictly greater
+    scores. Under a random ranking the expected P@1 is :func:`random_chance_p_at_1`.
+
+    Args:
+        scores: Scores ``(..., B, C)``, higher is better (e.g. :func:`similarity`, :func:`csls`).
+        gold: Bool mask ``(B, C)`` of correct candidates; every row needs at least one True.
+        ks: Cut-offs k of the reported P@k.
+        ties: How ties between the best gold and a non-gold candidate are ranked.
+
+    Returns:
+        ``{"p_at_<k>": (...,) for k in ks, "mrr": (...,), "rank": (..., B) int64}``; the P@k and MRR
+        are float64 means over the B queries.
+    """
+    if ties not in ("pessimistic", "optimistic"):
+        raise ValueError(f"ties must be 'pessimistic' or 'optimistic', got {ties!r}")
+    gold = _check_gold(gold, *scores.shape[-2:], scores.device)
+    if not bool(gold.any(dim=-1).all()):
+        raise ValueError("every query needs at least one gold candidate")
+    scores = scores.detach()
+    best = scores.masked_fill(~gold, float("-inf")).amax(dim=-1, keepdim=True)  # (..., B, 1)
+    above = scores >= best if ties == "pessimistic" else scores > best  # (..., B, C)
+    rank = (above & ~gold).sum(dim=-1) + 1  # (..., B)
+    out = {f"p_at_{k}": (rank <= k).to(torch.float64).mean(dim=-1) for k in ks}
+    out["mrr"] = (1.0 / rank.to(torch.float64)).mean(dim=-1)
+    out["rank"] = rank
+    return out
+
+
+def random_chance_p_at_1(gold: torch.Tensor) -> float:
+    """Expected P@1 of a uniformly random ranking: mean over queries of ``n_gold_i / C``.
+
+    Args:
+        gold: Bool mask ``(B, C)`` of correct candidates.
+
+    Returns:
+        The chance level, to print beside every P@1.
+    """
+    return float(gold.to(torch.float64).mean(dim=-1).mean())
+
+
+def bli_report(
+    src: torch.Tensor, tgt: torch.Tensor, gold: torch.Tensor, *, csls_k: int = 10
+) -> dict[str, torch.Tensor]:
+    """Bilingual lexicon induction scores of one direction, nearest neighbour and CSLS.
+
+    For the reverse direction call it with the arguments swapped and the mask transposed:
+    ``bli_report(tgt, src, gold.transpose(-1, -2))``.
+
+    Args:
+        src: Query vectors ``(..., B, D)``.
+        tgt: Candidate vectors ``(..., C, D)``.
+        gold: Bool mask ``(B, C)`` of correct candidates.
+        csls_k: Neighbourhood size of CSLS.
+
+    Returns:
+        ``{"<m>_nn", "<m>_csls"}`` for m in ``p_at_1``, ``p_at_5``, ``mrr`` (float64 ``(...,)``)
+        and ``rank`` (int64 ``(..., B)``).
+    """
+    return _bli_from_sim(similarity(src.detach(), tgt.detach()), gold, csls_k)
+
+
+def _bli_from_sim(sim: torch.Tensor, gold: torch.Tensor, csls_k: int) -> dict[str, torch.Tensor]:
+    """:func:`bli_report` from a cosine matrix ``(..., B, C)``."""
+    out: dict[str, torch.Tensor] = {}
+    for method, scores in (("nn", sim), ("csls", _csls_from_sim(sim, csls_k))):
+        for name, value in retrieval(scores, gold, ks=(1, 5)).items():
+            out[f"{name}_{method}"] = value
+    return out
+
+
+def alignment_summary(
+    src: torch.Tensor,
+    tgt: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    csls_k: int = 10,
+    level: float = 0.95,
+) -> dict[str, float | list]:
+    """Everything the scan and evaluation stages report about one stack of pair vectors.
+
+    Args:
+        src: Source vectors ``(..., B, D)``, typically ``(L, B, D)``.
+        tgt: Target vectors ``(..., B, D)``; row i translates ``src`` row i.
+        gold: Bool mask ``(B, B)`` of correct source -> target candidates (diagonal plus
+            alternatives); its transpose serves target -> source.
+        n_boot: Bootstrap resamples of the margin interval.
+        seed: Seed of the bootstrap.
+        csls_k: Neighbourhood size of CSLS.
+        level: Coverage of the margin interval.
+
+    Returns:
+        A flat dict of plain Python floats (for ``(B, D)`` input) or lists over the leading dims
+        (e.g. one value per layer for ``(L, B, D)``); every key has the same shape:
+        ``pair_mean``, ``pair_std`` (sample std, ddof=1), ``baseline``, ``margin``, ``margin_lo``,
+        ``margin_hi``, ``chance_p_at_1_s2t``, ``chance_p_at_1_t2s``, and ``<m>_<dir>_<method>``
+        for m in ``p_at_1``, ``p_at_5``, ``mrr``, dir in ``s2t``, ``t2s``, method in ``nn``,
+        ``csls`` (e.g. ``p_at_1_s2t_nn``).
+    """
+    _check_square(src, tgt)
+    src, tgt = src.detach(), tgt.detach()
+    sim = similarity(src, tgt)  # (..., B, B), computed once for everything below
+    gold_t = gold.transpose(-1, -2)
+    pair = sim.diagonal(dim1=-2, dim2=-1)  # (..., B)
+    row_sum, row_count = _mismatched_rows(sim, gold)  # (..., B) each
+    baseline = row_sum.sum(dim=-1) / row_count.sum(dim=-1)  # (...,)
+    lo, hi = _bootstrap_margin(pair, row_sum, row_count, n_boot=n_boot, seed=seed, level=level)
+    out: dict[str, torch.Tensor] = {
+        "pair_mean": pair.mean(dim=-1),
+        "pair_std": pair.std(dim=-1, correction=1),
+        "baseline": baseline,
+        "margin": pair.mean(dim=-1) - baseline,
+        "margin_lo": lo,
+        "margin_hi": hi,
+        "chance_p_at_1_s2t": torch.full_like(baseline, random_chance_p_at_1(gold)),
+        "chance_p_at_1_t2s": torch.full_like(baseline, random_chance_p_at_1(gold_t)),
+    }
+    for direction, (s, g) in (("s2t", (sim, gold)), ("t2s", (sim.transpose(-1, -2), gold_t))):
+        for key, value in _bli_from_sim(s, g, csls_k).items():
+            if not key.startswith("rank"):
+                metric, method = key.rsplit("_", 1)
+                out[f"{metric}_{direction}_{method}"] = value
+    return {key: value.tolist() for key, value in out.items()}
