@@ -1,0 +1,810 @@
+"""Word pairs: read and validate pair files, group glosses, split without leakage.
+
+One `Pair` type feeds every stage. Readers accept the paper's JSON (a list of
+``{"swahili": ..., "english": ...}``), JSON with other keys, JSONL, and CSV/TSV with a header.
+Bad input raises `TLIError` naming the file and the line (TSV, CSV, JSONL) or record (JSON,
+numbered from 1). Harmless problems are repaired with one summary warning per kind.
+
+The split puts whole groups of related items on one side, so that no control item shares a
+Swahili headword, root or stem, or an English gloss (after lower-casing and reducing plurals),
+with any trained item.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import unicodedata
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from tli.errors import TLIError
+
+log = logging.getLogger("tli")
+
+#: File formats the readers know, by name; `read_pairs` picks one from the file's extension.
+FORMATS = ("json", "jsonl", "csv", "tsv")
+#: Values of the ``split`` column.
+SPLITS = ("trained", "control")
+#: Columns of the bundled lexicon and of files written by `write_pairs`, after the two keys.
+EXTRA_COLUMNS = ("alternatives", "pos", "category", "root", "is_stem", "split")
+#: Separator of several glosses in one ``alternatives`` (or ``root``) cell.
+ALT_SEP = ";"
+
+_TRUE = {"1", "true", "yes"}
+_FALSE = {"0", "false", "no", ""}
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One source entry and its translations.
+
+    Attributes:
+        source: The source-language entry (a Swahili headword, stem such as "-zuri", or phrase).
+        target: Its main translation.
+        alternatives: Further correct translations (later stages mask them as negatives).
+        pos: Part of speech (noun, verb, adj, phrase, ...), if known.
+        category: Semantic category slug (body, food_drink, ...), if known.
+        split: "trained" or "control", or None before a split.
+        root: Lexical root(s) shared by morphologically related entries, ``;``-separated.
+        is_stem: True for bound stems written with a leading hyphen ("-zuri").
+    """
+
+    source: str
+    target: str
+    alternatives: tuple[str, ...] = ()
+    pos: str | None = None
+    category: str | None = None
+    split: str | None = None
+    root: str | None = None
+    is_stem: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alternatives", tuple(self.alternatives))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """All correct translations: the main target, then the alternatives."""
+        return (self.target, *self.alternatives)
+
+    @property
+    def is_multiword(self) -> bool:
+        """True when the source is a multi-word expression."""
+        return len(self.source.split()) > 1
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Repairs:
+    """Counts repairs of one kind each and reports one warning per kind."""
+
+    _TEXT = {
+        "whitespace": "stripped leading/trailing whitespace from {n} field(s)",
+        "nfc": "normalised {n} field(s) to Unicode NFC",
+        "duplicate": "dropped {n} exact duplicate record(s)",
+        "conflict": "{n} source(s) listed more than once with different pos/category/split/"
+        "root/is_stem; kept the first value",
+    }
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seen: dict[str, list[Any]] = {}
+
+    def note(self, kind: str, where: str) -> None:
+        entry = self.seen.setdefault(kind, [0, where])
+        entry[0] += 1
+
+    def report(self) -> None:
+        for kind, (n, where) in self.seen.items():
+            log.warning("%s: %s (first at %s)", self.name, self._TEXT[kind].format(n=n), where)
+
+
+def _bad(name: str, where: str | None, problem: str) -> TLIError:
+    return TLIError(f"{name}: {where}: {problem}" if where else f"{name}: {problem}")
+
+
+def _clean(value: str, fld: str, name: str, where: str, repairs: _Repairs) -> str:
+    """Strip and NFC-normalise one string, rejecting characters no word contains."""
+    stripped = value.strip()
+    if stripped != value:
+        repairs.note("whitespace", where)
+    for ch in stripped:
+        if unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            raise _bad(
+                name,
+                where,
+                f'field "{fld}" contains a control or invalid character U+{ord(ch):04X}',
+            )
+    normal = unicodedata.normalize("NFC", stripped)
+    if normal != stripped:
+        repairs.note("nfc", where)
+    return normal
+
+
+def _required(rec: dict, keys: Sequence[str], name: str, where: str, repairs: _Repairs) -> str:
+    key = next((k for k in keys if k in rec), None)
+    if key is None:
+        raise _bad(name, where, f'missing field "{keys[0]}"')
+    value = rec[key]
+    if not isinstance(value, str):
+        kind = "null" if value is None else type(value).__name__
+        raise _bad(name, where, f'field "{key}" must be a string, not {kind}')
+    text = _clean(value, key, name, where, repairs)
+    if not text:
+        raise _bad(name, where, f'field "{key}" is empty or whitespace-only')
+    return text
+
+
+def _optional(rec: dict, key: str, name: str, where: str, repairs: _Repairs) -> str | None:
+    value = rec.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _bad(name, where, f'field "{key}" must be a string, not {type(value).__name__}')
+    return _clean(value, key, name, where, repairs) or None
+
+
+def _alternatives(rec: dict, name: str, where: str, repairs: _Repairs) -> tuple[str, ...]:
+    value = rec.get("alternatives")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = value.split(ALT_SEP)
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        items = [piece for v in value for piece in v.split(ALT_SEP)]
+    else:
+        raise _bad(name, where, 'field "alternatives" must be a string or a list of strings')
+    out: list[str] = []
+    for item in items:
+        # Spaces around ";" are part of the separator convention, not a repair.
+        text = _clean(item.strip(), "alternatives", name, where, repairs)
+        if text and text not in out:
+            out.append(text)
+    return tuple(out)
+
+
+def _to_pair(
+    rec: dict, src_key: str, tgt_key: str, name: str, where: str, repairs: _Repairs
+) -> Pair:
+    """Build one Pair from a record (a dict of raw field values)."""
+    source = _required(rec, (src_key, "source"), name, where, repairs)
+    target = _required(rec, (tgt_key, "target"), name, where, repairs)
+    alternatives = tuple(a for a in _alternatives(rec, name, where, repairs) if a != target)
+    split = _optional(rec, "split", name, where, repairs)
+    if split is not None:
+        split = split.lower()
+        if split not in SPLITS:
+            raise _bad(
+                name, where, f'field "split" must be "trained", "control" or empty: {split!r}'
+            )
+    stem = rec.get("is_stem")
+    if isinstance(stem, str) and not stem.strip():
+        stem = None
+    if stem is None:
+        is_stem = source.startswith("-")
+    elif isinstance(stem, bool):
+        is_stem = stem
+    elif isinstance(stem, int) and stem in (0, 1):
+        is_stem = bool(stem)
+    elif isinstance(stem, str) and stem.strip().lower() in _TRUE | _FALSE:
+        is_stem = stem.strip().lower() in _TRUE
+    else:
+        raise _bad(name, where, f'field "is_stem" must be 1, 0 or empty: {stem!r}')
+    return Pair(
+        source=source,
+        target=target,
+        alternatives=alternatives,
+        pos=_optional(rec, "pos", name, where, repairs),
+        category=_optional(rec, "category", name, where, repairs),
+        split=split,
+        root=_optional(rec, "root", name, where, repairs),
+        is_stem=is_stem,
+    )
+
+
+def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _bad(
+            name, None, f"bad JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise _bad(name, None, f"bad JSON: {err}") from None
+    if not isinstance(data, list):
+        raise _bad(name, None, f"expected a JSON list of objects, found {type(data).__name__}")
+    for i, rec in enumerate(data, start=1):
+        yield f"record {i}", rec
+
+
+def _jsonl_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise _bad(name, f"line {i}", f"bad JSON at column {err.colno}: {err.msg}") from None
+        except (ValueError, RecursionError) as err:
+            raise _bad(name, f"line {i}", f"bad JSON: {err}") from None
+        yield f"line {i}", rec
+
+
+def _tsv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    for i, line in enumerate(text.split("\n"), start=1):
+        yield i, line.removesuffix("\r").split("\t")
+
+
+def _csv_rows(text: str, name: str) -> Iterator[tuple[int, list[str]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            raise _bad(name, f"line {reader.line_num}", f"bad CSV: {err}") from None
+        yield reader.line_num, row
+
+
+def _table_records(
+    rows: Iterable[tuple[int, list[str]]], name: str, src_key: str, tgt_key: str
+) -> Iterator[tuple[str, Any]]:
+    header: list[str] | None = None
+    for line_no, row in rows:
+        if all(not cell.strip() for cell in row):
+            continue
+        where = f"line {line_no}"
+        if header is None:
+            header = [cell.strip().lower() for cell in row]
+            dupes = sorted({h for h in header if header.count(h) > 1})
+            if dupes:
+                raise _bad(name, where, f"duplicate column {dupes[0]!r} in the header")
+            for keys in ((src_key, "source"), (tgt_key, "target")):
+                if not any(k.lower() in header for k in keys):
+                    shown = ascii(", ".join(header))
+                    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                    raise _bad(name, where, f'missing column "{keys[0]}" in the header {shown}')
+            continue
+        if len(row) != len(header):
+            raise _bad(name, where, f"expected {len(header)} columns, found {len(row)}")
+        yield where, dict(zip(header, row, strict=True))
+
+
+def _keys_lower(rec: dict, src_key: str, tgt_key: str) -> dict:
+    """Let a table's lower-cased header match keys given in any case."""
+    for key in (src_key, tgt_key):
+        if key.lower() in rec and key not in rec:
+            rec[key] = rec.pop(key.lower())
+    return rec
+
+
+def _detect_format(path: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise TLIError(f"{path}: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+        return fmt
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in FORMATS:
+        raise TLIError(
+            f"{path}: cannot tell the format from the extension {path.suffix!r}; "
+            f"use one of .{', .'.join(FORMATS)} or give the format"
+        )
+    return suffix
+
+
+def parse_pairs(
+    data: bytes, name: str, fmt: str, *, src_key: str = "swahili", tgt_key: str = "english"
+) -> list[Pair]:
+    """Parse the bytes of a pair file; see `read_pairs`. ``name`` is used in messages."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise _bad(name, f"line {line}", f"not UTF-8 (byte 0x{data[err.start]:02x})") from None
+    text = text.removeprefix("\ufeff")
+    if fmt == "json":
+        records = _json_records(text, name)
+    elif fmt == "jsonl":
+        records = _jsonl_records(text, name)
+    else:
+        rows = _tsv_rows(text) if fmt == "tsv" else _csv_rows(text, name)
+        records = _table_records(rows, name, src_key, tgt_key)
+    repairs = _Repairs(name)
+    pairs: list[Pair] = []
+    seen: set[Pair] = set()
+    for where, rec in records:
+        if not isinstance(rec, dict):
+            raise _bad(name, where, f"expected a JSON object, found {type(rec).__name__}")
+        pair = _to_pair(_keys_lower(rec, src_key, tgt_key), src_key, tgt_key, name, where, repairs)
+        if pair in seen:
+            repairs.note("duplicate", where)
+            continue
+        seen.add(pair)
+        pairs.append(pair)
+    if not pairs:
+        raise _bad(name, None, "no pairs")
+    grouped = group_pairs(pairs, _repairs=repairs)
+    repairs.report()
+    return grouped
+
+
+def read_pairs(
+    path: str | os.PathLike[str],
+    *,
+    src_key: str = "swahili",
+    tgt_key: str = "english",
+    fmt: str | None = None,
+) -> list[Pair]:
+    """Read, validate and group a pair file.
+
+    Args:
+        path: A ``.json``, ``.jsonl``, ``.csv`` or ``.tsv`` file.
+        src_key: Field (or column) of the source word; ``source`` is accepted too.
+        tgt_key: Field (or column) of the translation; ``target`` is accepted too.
+        fmt: One of `FORMATS`; by default taken from the extension.
+
+    Returns:
+        One Pair per distinct source, in order of first appearance; further translations of a
+        source become its alternatives.
+
+    Raises:
+        TLIError: The file is missing, unreadable, not UTF-8, bad JSON or CSV, lacks a field,
+            has an empty field, a row with the wrong number of columns, or no pairs.
+    """
+    path = Path(path)
+    fmt = _detect_format(path, fmt)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    return parse_pairs(data, str(path), fmt, src_key=src_key, tgt_key=tgt_key)
+
+
+def load_lexicon() -> list[Pair]:
+    """The bundled Swahili-English lexicon (``tli/data/lexicon.tsv``), with its split."""
+    from importlib import resources
+
+    res = resources.files("tli").joinpath("data/lexicon.tsv")
+    try:
+        data = res.read_bytes()
+    except OSError as err:
+        raise TLIError(f"bundled lexicon tli/data/lexicon.tsv: cannot read: {err}") from None
+    return parse_pairs(data, "tli/data/lexicon.tsv", "tsv")
+
+
+def group_pairs(pairs: Iterable[Pair], *, _repairs: _Repairs | None = None) -> list[Pair]:
+    """Merge pairs that share a source: later targets become alternatives of the first.
+
+    Metadata (pos, category, split, root, is_stem) comes from the first record; a later record
+    that disagrees is counted in a warning when reading a file.
+    """
+    merged: dict[str, Pair] = {}
+    for pair in pairs:
+        first = merged.get(pair.source)
+        if first is None:
+            merged[pair.source] = pair
+            continue
+        extra = [t for t in pair.targets if t not in first.targets]
+        meta = ("pos", "category", "split", "root", "is_stem")
+        fill = {k: getattr(pair, k) for k in meta[:4] if getattr(first, k) is None}
+        clash = any(
+            getattr(first, k) is not None
+            and getattr(pair, k) is not None
+            and getattr(first, k) != getattr(pair, k)
+            for k in meta
+        )
+        if clash and _repairs is not None:
+            _repairs.note("conflict", f'source "{pair.source}"')
+        merged[pair.source] = replace(first, alternatives=(*first.alternatives, *extra), **fill)
+    return list(merged.values())
+
+
+def write_pairs(
+    pairs: Iterable[Pair],
+    path: str | os.PathLike[str],
+    *,
+    src_key: str = "swahili",
+    tgt_key: str = "english",
+) -> None:
+    """Write pairs as TSV in the lexicon's layout, atomically (temp file, then rename)."""
+    path = Path(path)
+    if path.suffix.lower() != ".tsv":
+        raise TLIError(f"{path}: pairs are written as TSV; give a .tsv file name")
+    lines = ["\t".join((src_key, tgt_key, *EXTRA_COLUMNS))]
+    for p in pairs:
+        cells = (
+            p.source,
+            p.target,
+            ALT_SEP.join(p.alternatives),
+            p.pos or "",
+            p.category or "",
+            p.root or "",
+            "1" if p.is_stem else "0",
+            p.split or "",
+        )
+        lines.append("\t".join(cells))
+    text = "\n".join(lines) + "\n"
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else None
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Leakage keys and the split
+
+#: Swahili grammatical particles that do not link multi-word expressions to each other.
+_SW_PARTICLES = frozenset("a wa ya la cha vya za kwa pa mwa na ni si".split())
+_EN_DROP_PREFIX = re.compile(r"^(?:to|a|an|the)\s+")
+_WORD = re.compile(r"[\w']+")
+
+
+def _sw_norm(word: str) -> str:
+    return word.lower().strip("'").lstrip("-")
+
+
+def _en_variants(word: str) -> set[str]:
+    """The word and its possible singulars, by a few English plural rules."""
+    out = {word}
+    if len(word) > 3 and word.endswith("ies"):
+        out |= {word[:-3] + "y", word[:-1]}
+    if word.endswith(("ses", "xes", "zes", "ches", "shes")):
+        out.add(word[:-2])
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")) and len(word) > 2:
+        out.add(word[:-1])
+    return out
+
+
+def gloss_keys(gloss: str) -> set[str]:
+    """Comparison keys of an English gloss.
+
+    The gloss is lower-cased; parentheses, punctuation and a leading "to" or article are
+    dropped; the last word is replaced by each of its possible singulars.
+    """
+    text = re.sub(r"\([^)]*\)", " ", gloss.lower())
+    text = " ".join(re.sub(r"[^\w\s'-]", " ", text).split())
+    text = _EN_DROP_PREFIX.sub("", text) or text
+    if not text:
+        return {gloss.lower()}
+    *head, last = text.split(" ")
+    prefix = " ".join(head) + " " if head else ""
+    return {prefix + v for v in _en_variants(last)}
+
+
+def leakage_keys(pair: Pair) -> set[str]:
+    """Keys that make two pairs related: ``sw:`` Swahili forms, ``en:`` English glosses.
+
+    Swahili: the headword (lower-case, leading hyphen dropped), each root in the ``root``
+    column, and each content word of a multi-word expression (grammatical particles such as
+    "na", "ya", "za" excepted). English: `gloss_keys` of every translation.
+    """
+    keys = {"sw:" + _sw_norm(pair.source)}
+    words = re.split(r"[;,\s]+", pair.root or "")
+    if pair.is_multiword:
+        words += [w for w in _WORD.findall(pair.source) if _sw_norm(w) not in _SW_PARTICLES]
+    keys.update("sw:" + _sw_norm(w) for w in words if _sw_norm(w))
+    keys.update("en:" + key for gloss in pair.targets for key in gloss_keys(gloss))
+    return keys
+
+
+def _components(pairs: Sequence[Pair]) -> list[list[int]]:
+    """Connected components of pairs linked by any shared leakage key (union-find)."""
+    parent = list(range(len(pairs)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        for key in leakage_keys(pair):
+            j = owner.setdefault(key, i)
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(pairs)):
+        groups[find(i)].append(i)
+    return list(groups.values())
+
+
+def split_pairs(
+    pairs: Sequence[Pair], *, control_fraction: float = 0.1, seed: int = 0
+) -> list[Pair]:
+    """Assign each pair to "trained" or "control", deterministically and without leakage.
+
+    Related pairs (sharing any `leakage_keys`) form groups that go to one side whole. Groups
+    are visited smallest first, in an order fixed by ``seed`` and the pairs' sources (not by
+    input order); a group becomes control while every category it touches stays within its
+    quota, ``round(control_fraction * size of the category)``.
+
+    Args:
+        pairs: The pairs; any existing split is replaced.
+        control_fraction: Share of each category to hold out, in [0, 1).
+        seed: Seed of the visiting order.
+
+    Returns:
+        The pairs in input order with ``split`` filled.
+    """
+    if not 0 <= control_fraction < 1:
+        raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction}")
+    sizes = Counter(p.category or "" for p in pairs)
+    quota = {c: int(n * control_fraction + 0.5) for c, n in sizes.items()}
+    taken: Counter[str] = Counter()
+
+    def order(comp: list[int]) -> tuple[int, str, tuple[str, ...]]:
+        names = tuple(sorted(f"{pairs[i].source}\t{pairs[i].target}" for i in comp))
+        text = f"{seed}\n" + "\n".join(names)
+        digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+        return len(comp), digest, names
+
+    control: set[int] = set()
+    for comp in sorted(_components(pairs), key=order):
+        need = Counter(pairs[i].category or "" for i in comp)
+        if all(taken[c] + k <= quota[c] for c, k in need.items()):
+            taken.update(need)
+            control.update(comp)
+    return [replace(p, split="control" if i in control else "trained") for i, p in enumerate(pairs)]
+
+
+def split_sets(pairs: Iterable[Pair]) -> dict[str, list[Pair]]:
+    """Pairs by set: ``{"trained": [...], "control": [...]}``; no split counts as trained."""
+    sets: dict[str, list[Pair]] = {"trained": [], "control": []}
+    for p in pairs:
+        sets["control" if p.split == "control" else "trained"].append(p)
+    return sets
+
+
+def check_leakage(trained: Iterable[Pair], control: Iterable[Pair]) -> list[str]:
+    """One line per control pair that shares a headword, root, stem or gloss with a trained pair."""
+    owners: dict[str, list[Pair]] = defaultdict(list)
+    for p in trained:
+        for key in leakage_keys(p):
+            owners[key].append(p)
+    found: list[str] = []
+    for c in control:
+        for key in sorted(leakage_keys(c)):
+            what = "Swahili headword/root/word" if key.startswith("sw:") else "English gloss"
+            for t in owners.get(key, ()):
+                found.append(
+                    f'control "{c.source}" ({c.target}) shares the {what} "{key[3:]}" '
+                    f'with trained "{t.source}" ({t.target})'
+                )
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Gold answers for retrieval
+
+
+@dataclass(frozen=True)
+class Gold:
+    """Queries, candidates and correct answers for retrieval over a list of pairs.
+
+    ``candidates[i]`` belongs to ``queries[i]`` (one per pair), so index i is always correct;
+    ``correct[i]`` adds every other candidate that is also a listed translation.
+
+    Attributes:
+        queries: One query string per pair.
+        candidates: One candidate string per pair, aligned with the queries.
+        accept: Per query, every acceptable answer, case-folded.
+        correct: Per query, the indices of candidates that are acceptable answers.
+    """
+
+    queries: list[str]
+    candidates: list[str]
+    accept: list[frozenset[str]] = field(repr=False)
+    correct: list[frozenset[int]] = field(repr=False)
+
+
+def _fold(text: str) -> str:
+    """Lookup form of a string: case-folded, whitespace collapsed (as in `tli.metrics`)."""
+    return " ".join(text.casefold().split())
+
+
+def gold_keys(pairs: Sequence[Pair], *, reverse: bool = False) -> Gold:
+    """Retrieval keys: source -> target (default) or, with ``reverse``, target -> source.
+
+    Forward, a query's acceptable answers are its target and alternatives. Reverse, a target's
+    acceptable answers are all sources that list it among their translations. Strings are
+    compared case-folded with whitespace collapsed, so
+    ``tli.metrics.gold_mask_from_keys(gold.accept, gold.candidates)`` gives the same answers as
+    ``gold.correct`` as a ``(B, C)`` mask.
+    """
+    if not reverse:
+        queries = [p.source for p in pairs]
+        candidates = [p.target for p in pairs]
+        accept = [frozenset(_fold(t) for t in p.targets) for p in pairs]
+    else:
+        sources_of: dict[str, set[str]] = defaultdict(set)
+        for p in pairs:
+            for t in p.targets:
+                sources_of[_fold(t)].add(_fold(p.source))
+        queries = [p.target for p in pairs]
+        candidates = [p.source for p in pairs]
+        accept = [frozenset(sources_of[_fold(p.target)]) for p in pairs]
+    where: dict[str, list[int]] = defaultdict(list)
+    for j, cand in enumerate(candidates):
+        where[_fold(cand)].append(j)
+    correct = [frozenset(j for a in acc for j in where.get(a, ())) for acc in accept]
+    return Gold(queries, candidates, accept, correct)
+
+
+# --------------------------------------------------------------------------------------------
+# Summary and CLI
+
+
+def summarize(pairs: Sequence[Pair]) -> str:
+    """A plain-text summary: counts per set, category and part of speech."""
+    sets = split_sets(pairs)
+    lines = [
+        f"pairs: {len(pairs)} (trained {len(sets['trained'])}, control {len(sets['control'])})",
+        f"multi-word expressions: {sum(p.is_multiword for p in pairs)}",
+        f"entries with alternatives: {sum(bool(p.alternatives) for p in pairs)}",
+        f"stems: {sum(p.is_stem for p in pairs)}",
+    ]
+    for title, attr in (("category", "category"), ("part of speech", "pos")):
+        counts = {s: Counter(getattr(p, attr) or "-" for p in sets[s]) for s in sets}
+        names = sorted(counts["trained"].keys() | counts["control"].keys())
+        width = max(len(title), *(len(n) for n in names))
+        lines.append("")
+        lines.append(f"{title:<{width}}  trained  control  total")
+        for n in names:
+            tr, co = counts["trained"][n], counts["control"][n]
+            lines.append(f"{n:<{width}}  {tr:>7}  {co:>7}  {tr + co:>5}")
+    return "\n".join(lines)
+
+
+def token_counts(pairs: Sequence[Pair], tokenizer: Any) -> dict[str, tuple[float, int]]:
+    """Mean and max number of tokens (no special tokens) per source and per main target."""
+    out = {}
+    for side in ("source", "target"):
+        counts = [
+            len(tokenizer(getattr(p, side), add_special_tokens=False)["input_ids"]) for p in pairs
+        ]
+        out[side] = (sum(counts) / len(counts), max(counts))
+    return out
+
+
+def _read_args(args: argparse.Namespace, path: str) -> list[Pair]:
+    return read_pairs(path, src_key=args.src_key, tgt_key=args.tgt_key, fmt=args.format)
+
+
+def _report_leaks(leaks: list[str], what: str) -> None:
+    print(f"leakage {what}: {len(leaks) or 'none'}")
+    for line in leaks[:20]:
+        print(f"  {line}")
+    if len(leaks) > 20:
+        print(f"  ... and {len(leaks) - 20} more")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    pairs = _read_args(args, args.file)
+    print(f"{args.file}")
+    print(summarize(pairs))
+    print()
+    leaks: list[tuple[list[str], str]] = []
+    sets = split_sets(pairs)
+    if any(p.split is not None for p in pairs):
+        leaks.append(
+            (check_leakage(sets["trained"], sets["control"]), "between trained and control")
+        )
+    if args.against:
+        trained = split_sets(_read_args(args, args.against))["trained"]
+        leaks.append((check_leakage(trained, pairs), f"with {args.against}"))
+    if args.model:
+        from tli.models import load_tokenizer
+
+        counts = token_counts(pairs, load_tokenizer(args.model))
+        for side, key in (("source", args.src_key), ("target", args.tgt_key)):
+            mean, most = counts[side]
+            print(f"tokens per {key} entry ({args.model}): mean {mean:.2f}, max {most}")
+    for found, what in leaks:
+        _report_leaks(found, what)
+    total = sum(len(found) for found, _ in leaks)
+    if total and args.allow_overlap:
+        log.warning("%s: %d overlapping item(s), allowed by --allow-overlap", args.file, total)
+    elif total:
+        raise TLIError(
+            f"{args.file}: {total} overlapping item(s) between trained and control "
+            "(listed above; use --allow-overlap to accept)"
+        )
+    return 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
+    return value
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    pairs = _read_args(args, args.file)
+    split = split_pairs(pairs, control_fraction=args.control_fraction, seed=args.seed)
+    write_pairs(split, args.out, src_key=args.src_key, tgt_key=args.tgt_key)
+    sets = split_sets(split)
+    print(
+        f"wrote {args.out}: {len(sets['trained'])} trained, {len(sets['control'])} control "
+        f"(seed {args.seed}, control fraction {args.control_fraction})"
+    )
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``tli pairs check`` and ``tli pairs split``."""
+    parser = subparsers.add_parser(
+        "pairs",
+        help="check and split word-pair files",
+        description="Read, validate, summarise and split word-pair files.",
+    )
+    sub = parser.add_subparsers(dest="pairs_command", metavar="ACTION", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", metavar="FILE", help="pair file (.json, .jsonl, .csv, .tsv)")
+        p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
+        p.add_argument("--tgt-key", default="english", help="target field (default: english)")
+        p.add_argument("--format", choices=FORMATS, help="file format (default: by extension)")
+
+    check = sub.add_parser(
+        "check",
+        help="validate a pair file, summarise it and check for train/control leakage",
+        description="Validate FILE and print a summary. Leakage between its trained and "
+        "control sets, or (--against) between FILE and the trained set of TRAINED, is an "
+        "error unless --allow-overlap. Exit code 0 when clean, 2 on an error.",
+    )
+    common(check)
+    check.add_argument("--against", metavar="TRAINED", help="trained pair file; FILE is control")
+    check.add_argument(
+        "--allow-overlap", action="store_true", help="report leakage as a warning, not an error"
+    )
+    check.add_argument("--model", metavar="M", help="also count tokens per entry with M")
+    check.set_defaults(func=_cmd_check)
+
+    split = sub.add_parser(
+        "split",
+        help="split a pair file into trained/control without leakage",
+        description="Write FILE with its split column filled: a seeded split, stratified by "
+        "category, with no shared headword, root, stem or gloss across the sets.",
+    )
+    common(split)
+    split.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    split.add_argument(
+        "--control-fraction",
+        type=_fraction,
+        default=0.1,
+        help="share of each category held out as control (default: 0.1)",
+    )
+    split.add_argument("--out", required=True, metavar="OUT.tsv", help="output TSV (may be FILE)")
+    split.set_defaults(func=_cmd_split)
