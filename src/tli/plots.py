@@ -1,0 +1,487 @@
+"""Figures, drawn from saved results only (never from a model).
+
+Each figure function takes a result object or the directory it was saved in, so a figure can be
+redrawn later (``tli plot DIR``) without loading a model or recomputing anything. Files are
+written atomically; matplotlib runs on the Agg backend and every figure is closed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tli.errors import TLIError
+
+if TYPE_CHECKING:
+    from tli.scan import ScanResult
+
+#: Colours of the sets, in order of appearance (trained first).
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | os.PathLike[str], dpi: int = 150) -> Path:
+    """Render a figure to PNG bytes and write them atomically; close the figure."""
+    from tli.io import atomic_write_bytes
+
+    plt = _pyplot()
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Figure 1: the layer scan, with the controls the paper's figure lacked.
+
+    Top panel: bars of the mean translation-pair cosine per layer and set (the paper's Fig. 1),
+    the mismatched-pair baseline drawn over them, the chosen layer as a red dashed line, and
+    retrieval P@1 (source -> target, nearest neighbour) with its chance level on a second y
+    axis. Bottom panel: the margin (pairs minus baseline) with its bootstrap CI, and the centred
+    margin when the scan computed it.
+
+    Args:
+        result: A :class:`tli.scan.ScanResult`, or a scan directory to read it from.
+        path: Where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    from tli.scan import ScanResult
+
+    if not isinstance(result, ScanResult):
+        result = ScanResult.load(result)
+    plt = _pyplot()
+    layers = result.layers
+    names = list(result.sets)
+    colours = {n: _COLOURS[i % len(_COLOURS)] for i, n in enumerate(names)}
+    width = 0.8 / len(names)
+    offsets = {n: (i - (len(names) - 1) / 2) * width for i, n in enumerate(names)}
+
+    fig, (ax, ax_m) = plt.subplots(
+        2,
+        1,
+        sharex=True,
+        figsize=(max(7.0, 0.42 * len(layers) + 3.5), 7.0),
+        gridspec_kw={"height_ratios": [3, 1.5]},
+        layout="constrained",
+    )
+    ax_p = ax.twinx()
+    lowest = 0.0
+    for n in names:
+        s = result.sets[n]
+        x = [layer + offsets[n] for layer in layers]
+        label = f"{n} ({result.n_pairs.get(n, '?')} pairs)"
+        ax.bar(
+            x,
+            s["pair_mean"],
+            width=width * 0.95,
+            color=colours[n],
+            alpha=0.55,
+            label=f"{label}: mean pair cosine",
+        )
+        half = width * 0.95 / 2
+        ax.hlines(
+            s["baseline"],
+            [v - half for v in x],
+            [v + half for v in x],
+            color="black",
+            linewidth=2,
+            label="mismatched-pair baseline" if n == names[0] else None,
+        )
+        ax_p.plot(
+            layers,
+            s["p_at_1_s2t_nn"],
+            color=colours[n],
+            marker="o",
+            markersize=3,
+            linestyle=":",
+            linewidth=1.2,
+            label=f"{n}: P@1 src→tgt (NN)",
+        )
+        lowest = min(lowest, *s["pair_mean"], *s["baseline"])
+    chance = {n: result.sets[n]["chance_p_at_1_s2t"][0] for n in names}
+    for n in names:
+        ax_p.axhline(
+            chance[n],
+            color=colours[n],
+            linestyle="-.",
+            linewidth=0.9,
+            label=f"{n}: P@1 chance ({chance[n]:.4f})",
+        )
+    top_p = max(max(result.sets[n]["p_at_1_s2t_nn"]) for n in names)
+    ax_p.set_ylim(0, max(0.05, 1.15 * top_p, 2 * max(chance.values())))
+    ax_p.set_ylabel("P@1 (source → target, nearest neighbour)")
+    chosen = result.chosen_layer
+    ax.axvline(
+        chosen,
+        color="red",
+        linestyle="--",
+        linewidth=1.5,
+        label=f"chosen layer {chosen} (by {result.config.select_by})",
+    )
+    ax_m.axvline(chosen, color="red", linestyle="--", linewidth=1.5)
+    ax.set_ylim(lowest - 0.05 if lowest < 0 else 0.0, 1.02)
+    ax.set_ylabel("mean cosine")
+
+    for n in names:
+        s = result.sets[n]
+        ax_m.fill_between(
+            layers, s["margin_lo"], s["margin_hi"], color=colours[n], alpha=0.2, linewidth=0
+        )
+        ax_m.plot(
+            layers,
+            s["margin"],
+            color=colours[n],
+            marker="o",
+            markersize=3,
+            label=f"{n}: margin ({int(round(100 * result.config.level))}% CI)",
+        )
+        if n in result.centered:
+            ax_m.plot(
+                layers,
+                result.centered[n]["margin"],
+                color=colours[n],
+                linestyle="--",
+                linewidth=1,
+                label=f"{n}: margin after centring",
+            )
+    ax_m.axhline(0.0, color="black", linewidth=0.8)
+    ax_m.set_ylabel("margin\n(pairs − baseline)")
+    ax_m.set_xlabel(f"layer (0 = embeddings, {result.num_layers} = final)")
+    step = max(1, len(layers) // 40)
+    ax_m.set_xticks(layers[::step])
+    ax_m.set_xlim(layers[0] - 0.6, layers[-1] + 0.6)
+    ax_m.legend(fontsize=7, loc="best")
+
+    handles, labels = ax.get_legend_handles_labels()
+    more_h, more_l = ax_p.get_legend_handles_labels()
+    fig.legend(handles + more_h, labels + more_l, loc="outside lower center", ncol=2, fontsize=7)
+    fig.suptitle(
+        f"{result.model}: alignment per layer ({result.config.pooling} pooling); "
+        f"chosen layer {chosen}",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def tsne_perplexity(n_points: int) -> float:
+    """A perplexity that suits the sample: 30 for large samples, (n - 1) / 3 for small ones."""
+    return float(max(2.0, min(30.0, (n_points - 1) / 3)))
+
+
+def tsne_sample(pairs: dict[str, list], n: int, seed: int) -> dict[str, list[int]]:
+    """The seeded sample of pair indices per set used by both t-SNE figures (same pairs)."""
+    import random
+
+    rng = random.Random(seed)
+    total = sum(len(v) for v in pairs.values()) or 1
+    out = {}
+    for name, items in pairs.items():
+        k = min(len(items), max(2, round(n * len(items) / total)))
+        out[name] = sorted(rng.sample(range(len(items)), k))
+    return out
+
+
+def plot_tsne(
+    eval_dir: str | os.PathLike[str],
+    before: str | os.PathLike[str],
+    after: str | os.PathLike[str],
+    *,
+    n_pairs: int = 40,
+    seed: int = 0,
+) -> list[Path]:
+    """Figures 2 and 3: t-SNE of final-layer vectors before and after training.
+
+    The same seeded sample of pairs in both, trained (circles) and control (triangles) marked;
+    source words blue, targets red, a grey line per pair (the paper's Figs. 2-3). Each figure
+    is its own t-SNE fit (scikit-learn, cosine metric, PCA initialisation, seeded).
+    """
+    import numpy as np
+    from sklearn.manifold import TSNE
+
+    from tli.evaluate import load_vectors
+
+    tensors, meta = load_vectors(eval_dir)
+    final = int(meta["final_layer"])
+    pairs = meta["pairs"]
+    sample = tsne_sample(pairs, n_pairs, seed)
+    plt = _pyplot()
+    written = []
+    for when, path in (("pre", before), ("post", after)):
+        points, labels, kinds = [], [], []
+        for name, rows in sample.items():
+            src = tensors[f"{name}.{when}.source.layer{final}"][rows]
+            tgt = tensors[f"{name}.{when}.target.layer{final}"][rows]
+            points += [src, tgt]
+            labels += [pairs[name][j][0] for j in rows] + [pairs[name][j][1] for j in rows]
+            kinds += [(name, "source")] * len(rows) + [(name, "target")] * len(rows)
+        x = np.concatenate([p.numpy() for p in points])
+        xy = TSNE(
+            n_components=2,
+            perplexity=tsne_perplexity(len(x)),
+            metric="cosine",
+            init="pca",
+            random_state=seed,
+        ).fit_transform(x)
+        fig, ax = plt.subplots(figsize=(9, 7.5))
+        start = 0
+        for name, rows in sample.items():
+            k = len(rows)
+            src, tgt = xy[start : start + k], xy[start + k : start + 2 * k]
+            start += 2 * k
+            marker = "o" if name == "trained" else "^"
+            for a, b in zip(src, tgt, strict=True):
+                ax.plot([a[0], b[0]], [a[1], b[1]], color="0.75", lw=0.8, zorder=1)
+            ax.scatter(
+                src[:, 0],
+                src[:, 1],
+                c="tab:blue",
+                marker=marker,
+                s=28,
+                zorder=2,
+                label=f"source ({name})",
+            )
+            ax.scatter(
+                tgt[:, 0],
+                tgt[:, 1],
+                c="tab:red",
+                marker=marker,
+                s=28,
+                zorder=2,
+                label=f"target ({name})",
+            )
+        for (px, py), text in zip(xy, labels, strict=True):
+            ax.annotate(
+                text, (px, py), fontsize=6, alpha=0.8, xytext=(2, 2), textcoords="offset points"
+            )
+        title = "before training (pre)" if when == "pre" else "after training (post)"
+        ax.set_title(
+            f"t-SNE of final-layer (layer {final}) vectors, {title}; "
+            f"perplexity {tsne_perplexity(len(x)):.0f}",
+            fontsize=10,
+        )
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=8, loc="best")
+        fig.tight_layout()
+        written.append(_save(fig, path))
+    return written
+
+
+def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Per-layer pair cosine, mismatched baseline and P@1, before and after, for each set."""
+    import json
+
+    data = json.loads((Path(eval_dir) / "evaluation.json").read_text())
+    layers = data["layers"]
+    names = list(data["sets"])
+    plt = _pyplot()
+    fig, axes = plt.subplots(
+        2, len(names), figsize=(5.5 * len(names), 7), squeeze=False, sharex=True
+    )
+    for col, name in enumerate(names):
+        figs = data["sets"][name]
+        top, bottom = axes[0][col], axes[1][col]
+        for when, style in (("pre", "--"), ("post", "-")):
+            top.plot(
+                layers,
+                figs[when]["pair_mean"],
+                style,
+                color="tab:blue",
+                label=f"pair cosine ({when})",
+            )
+            top.plot(
+                layers,
+                figs[when]["baseline"],
+                style,
+                color="0.4",
+                label=f"mismatched baseline ({when})",
+            )
+            bottom.plot(
+                layers,
+                figs[when]["p_at_1_s2t_nn"],
+                style,
+                color="tab:green",
+                label=f"P@1 s->t NN ({when})",
+            )
+        chance = figs["pre"].get("chance_p_at_1_s2t")
+        if chance:
+            bottom.plot(layers, chance, ":", color="0.6", label="chance")
+        for ax in (top, bottom):
+            if data.get("target_layer") is not None:
+                ax.axvline(data["target_layer"], color="red", ls="--", lw=0.8)
+            ax.grid(alpha=0.3)
+        top.set_title(f"{name} (N = {figs['n']})")
+        top.set_ylabel("cosine")
+        bottom.set_ylabel("P@1")
+        bottom.set_xlabel("layer (0 = embeddings, N = final); red: target layer")
+        top.legend(fontsize=7)
+        bottom.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def mismatched_change(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Per-pair final-layer cosine change of mismatched pairs (source i with target i+1)."""
+    import torch
+
+    from tli.evaluate import load_vectors
+
+    tensors, meta = load_vectors(eval_dir)
+    final = int(meta["final_layer"])
+    out = {}
+    for name in meta["pairs"]:
+        cos = {}
+        for when in ("pre", "post"):
+            src = tensors[f"{name}.{when}.source.layer{final}"]
+            tgt = torch.roll(tensors[f"{name}.{when}.target.layer{final}"], 1, dims=0)
+            cos[when] = torch.nn.functional.cosine_similarity(src, tgt, dim=-1)
+        out[name] = (cos["post"] - cos["pre"]).numpy()
+    return out
+
+
+def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Histogram of the per-pair final-layer cosine change: trained, control and mismatched.
+
+    If mismatched pairs move as much as translation pairs, the gain is collapse, not alignment.
+    """
+    import csv
+
+    import numpy as np
+
+    rows = list(csv.DictReader((Path(eval_dir) / "pairs.csv").open(encoding="utf-8")))
+    final = max(int(r["layer"]) for r in rows)
+    changes: dict[str, list[float]] = {}
+    for r in rows:
+        if int(r["layer"]) == final:
+            changes.setdefault(r["set"], []).append(float(r["change"]))
+    mismatched = np.concatenate(list(mismatched_change(eval_dir).values()))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    series = {f"{k} pairs": np.asarray(v) for k, v in changes.items()}
+    series["mismatched pairs"] = mismatched
+    lo = min(float(v.min()) for v in series.values())
+    hi = max(float(v.max()) for v in series.values())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 40)
+    colours = {
+        "trained pairs": "tab:blue",
+        "control pairs": "tab:orange",
+        "mismatched pairs": "0.5",
+    }
+    for label, values in series.items():
+        ax.hist(
+            values,
+            bins=bins,
+            alpha=0.5,
+            density=True,
+            label=f"{label} (mean {values.mean():+.3f})",
+            color=colours.get(label),
+        )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel(f"cosine change at the final layer ({final}), post - pre")
+    ax.set_ylabel("density")
+    ax.set_title("per-pair change: translation pairs vs. mismatched pairs", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+#: Figures of a run directory: file name -> what it shows.
+RUN_FIGURES = {
+    "scan.png": "Figure 1: layer scan (pair cosine, baseline, P@1, margin)",
+    "tsne_pre.png": "Figure 2: t-SNE of final-layer vectors before training",
+    "tsne_post.png": "Figure 3: t-SNE of final-layer vectors after training",
+    "layers.png": "per-layer pair cosine, baseline and P@1, before and after",
+    "change_hist.png": "per-pair change: trained, control and mismatched pairs",
+}
+
+
+def draw_run_figures(
+    run_dir: str | os.PathLike[str], *, n_pairs: int = 40, seed: int = 0
+) -> list[Path]:
+    """Draw every figure of a run directory into ``figures/`` from its saved results."""
+    from tli.io import ensure_dir
+    from tli.scan import ScanResult
+
+    root = Path(run_dir)
+    out = ensure_dir(root / "figures")
+    written = []
+    if (root / "scan" / "scan.json").is_file():
+        written.append(plot_scan(ScanResult.load(root / "scan"), out / "scan.png"))
+    eval_dir = root / "eval"
+    if (eval_dir / "evaluation.json").is_file():
+        written += plot_tsne(
+            eval_dir, out / "tsne_pre.png", out / "tsne_post.png", n_pairs=n_pairs, seed=seed
+        )
+        written.append(plot_layer_curves(eval_dir, out / "layers.png"))
+        written.append(plot_change_histogram(eval_dir, out / "change_hist.png"))
+    return written
+
+
+def redraw(directory: str | os.PathLike[str]) -> list[Path]:
+    """Redraw every figure whose results a directory holds; return the files written.
+
+    A run directory (``config.toml`` and ``scan/`` or ``eval/``) gets all its figures redrawn
+    into ``figures/`` (with the sample settings recorded in its config); a scan directory gets
+    ``scan.png`` redrawn beside its ``scan.json``.
+    """
+    from tli.scan import JSON_NAME, PNG_NAME, ScanResult
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise TLIError(
+            f"{root}: no such directory" if not root.exists() else f"{root}: not a directory"
+        )
+    if (root / "config.toml").is_file() and ((root / "scan").is_dir() or (root / "eval").is_dir()):
+        from tli.run import load_run_config
+
+        figs = load_run_config(root / "config.toml").figures
+        written = draw_run_figures(root, n_pairs=figs.tsne_pairs, seed=figs.seed)
+        if written:
+            return written
+    written: list[Path] = []
+    for folder in (root, root / "scan"):
+        if (folder / JSON_NAME).is_file():
+            written.append(plot_scan(ScanResult.load(folder), folder / PNG_NAME))
+    if not written:
+        raise TLIError(f"{root}: no results to plot (expected {JSON_NAME} or scan/{JSON_NAME})")
+    return written
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli plot``."""
+    p = sub.add_parser(
+        "plot",
+        help="redraw the figures of a results directory",
+        description="Redraw every figure from the saved results in DIR (no model is loaded): "
+        "scan.png from scan.json.",
+    )
+    from tli.scan import _one_line_error
+
+    p.error = _one_line_error  # type: ignore[method-assign]  # one line, exit 2
+    p.add_argument("directory", type=Path, metavar="DIR", help="a scan or run directory")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    for path in redraw(args.directory):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,706 @@
+"""The layer scan: the paper's pilot study (sec. 3.2), with the controls it lacked.
+
+For every layer 0..N (0 = input embeddings, N = final; DESIGN.md, fact 3) and every set of
+pairs (trained, control), the scan reports the paper's metric (mean and std of the translation
+pair cosine) beside what is needed to read it: the mismatched-pair baseline, the margin (pairs
+minus baseline) with a seeded bootstrap CI, and retrieval (P@1, P@5, MRR; nearest neighbour and
+CSLS; both directions). With ``center`` it adds the same metrics after removing each language's
+mean vector at that layer. It then chooses a layer by one rule (``select_by``), reports the
+next best, and warns when the choice looks like anisotropy rather than alignment.
+
+All strings of all sets are embedded once, at every layer, in one decoder pass per batch
+(:func:`tli.embed.embed`); the maths is :func:`tli.metrics.alignment_summary`. A
+:class:`ScanResult` is written to a directory as ``scan.csv`` (long format), ``scan.json``
+(config, summaries, choice) and ``scan.png`` (Figure 1), and read back by :meth:`ScanResult.load`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tli.embed import POOLINGS, Pooling
+from tli.errors import TLIError
+
+log = logging.getLogger("tli")
+
+#: ``select_by`` value -> the summary key whose argmax chooses the layer.
+SELECT_METRICS: dict[str, str] = {
+    "cosine": "pair_mean",
+    "margin": "margin",
+    "p_at_1": "p_at_1_s2t_nn",
+}
+SELECT_BY: tuple[str, ...] = tuple(SELECT_METRICS)
+SelectBy = Literal["cosine", "margin", "p_at_1"]
+#: Prefix of the metric names of the centred variants (``--center``) in ``scan.csv``.
+CENTERED_PREFIX = "centered_"
+#: File names inside a scan directory.
+CSV_NAME, JSON_NAME, PNG_NAME = "scan.csv", "scan.json", "scan.png"
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """How to scan the layers and choose one. Every default is the paper's unless noted."""
+
+    pooling: Pooling = field(
+        default="mean",
+        metadata={
+            "help": "how token states become one vector: mean (over the word's own tokens), "
+            "mean_all (all attention-masked tokens, BOS included: the paper's pilot, sec. 3.2) "
+            "or last. tli pools one way everywhere (DESIGN.md, fact 3), so the default is mean",
+        },
+    )
+    center: bool = field(
+        default=False,
+        metadata={
+            "help": "also report every metric after subtracting each language's mean vector "
+            "per layer (the centring of MUSE and vecmap; not in the paper)"
+        },
+    )
+    select_by: SelectBy = field(
+        default="cosine",
+        metadata={
+            "help": "rule that chooses the layer: cosine (argmax of mean pair cosine; paper, "
+            "sec. 3.2), margin (pair minus mismatched baseline) or p_at_1 (retrieval "
+            "source->target, nearest neighbour); ties go to the larger margin",
+        },
+    )
+    select_on: str = field(
+        default="trained",
+        metadata={
+            "help": "set whose metrics choose the layer (default trained: choosing on the "
+            "control set would let the held-out pairs steer training; the paper scanned all)"
+        },
+    )
+    batch_size: int = field(
+        default=64, metadata={"help": "strings per forward pass (not in the paper)"}
+    )
+    n_boot: int = field(
+        default=1000, metadata={"help": "bootstrap resamples of the margin CI (not in the paper)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    level: float = field(default=0.95, metadata={"help": "coverage of the margin CI"})
+    csls_k: int = field(
+        default=10,
+        metadata={"help": "neighbourhood size of CSLS (Conneau et al. 2018, MUSE: k = 10)"},
+    )
+    baseline_warn: float = field(
+        default=0.9,
+        metadata={
+            "help": "warn when the chosen layer's mismatched baseline is above this "
+            "(DESIGN.md, fact 1: 0.91-0.99 at layers 1-17 of gemma-3-270m)"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        if self.select_by not in SELECT_METRICS:
+            raise TLIError(
+                f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}"
+            )
+        if not isinstance(self.select_on, str) or not self.select_on.strip():
+            raise TLIError(f"select_on must name a set, got {self.select_on!r}")
+        for name, low in (("batch_size", 1), ("n_boot", 1), ("csls_k", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise TLIError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TLIError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.center, bool):
+            raise TLIError(f"center must be true or false, got {self.center!r}")
+        if not (isinstance(self.level, (int, float)) and 0 < self.level < 1):
+            raise TLIError(f"level must be in (0, 1), got {self.level!r}")
+        if not (isinstance(self.baseline_warn, (int, float)) and -1 <= self.baseline_warn <= 1):
+            raise TLIError(f"baseline_warn must be in [-1, 1], got {self.baseline_warn!r}")
+
+
+Summary = dict[str, list[float]]  # metric -> one value per scanned layer
+
+
+@dataclass
+class ScanResult:
+    """What a scan found: per-set, per-layer summaries and the chosen layer.
+
+    Attributes:
+        config: The scan's configuration.
+        model: The model's name as given.
+        num_layers: N, the model's depth; layer indices run 0..N.
+        layers: The scanned layer indices (0..N for a full model).
+        sets: Set name -> :func:`tli.metrics.alignment_summary` (one value per scanned layer).
+        centered: The same for the centred vectors; empty without ``config.center``.
+        n_pairs: Set name -> number of pairs.
+        chosen_layer: The layer that ``config.select_by`` chose on set ``select_set``.
+        next_best_layer: The runner-up by the same rule (None with one layer).
+        select_set: The set the choice was made on.
+        warnings: Doubts about the choice (also logged on the ``tli`` logger).
+        notes: Facts about the choice worth knowing (e.g. layer N is the evaluated layer).
+        timings: Seconds: ``embed_s``, ``metrics_s``, ``total_s`` (and ``load_s`` from the CLI).
+        inputs: Where the pairs came from (set by the CLI: ``pairs``, ``control`` file names).
+    """
+
+    config: ScanConfig
+    model: str
+    num_layers: int
+    layers: list[int]
+    sets: dict[str, Summary]
+    centered: dict[str, Summary]
+    n_pairs: dict[str, int]
+    chosen_layer: int
+    next_best_layer: int | None
+    select_set: str
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def select_metric(self) -> str:
+        """The summary key that chose the layer, e.g. ``pair_mean``."""
+        return SELECT_METRICS[self.config.select_by]
+
+    def value(self, set_name: str, metric: str, layer: int, *, centered: bool = False) -> float:
+        """One metric of one set at one layer."""
+        table = self.centered if centered else self.sets
+        return table[set_name][metric][self.layers.index(layer)]
+
+    # --- files --------------------------------------------------------------------------
+
+    def rows(self) -> list[tuple[int, str, str, float]]:
+        """Long-format rows ``(layer, set, metric, value)``; centred metrics are prefixed."""
+        out = []
+        for prefix, table in (("", self.sets), (CENTERED_PREFIX, self.centered)):
+            for set_name, summary in table.items():
+                for metric, values in summary.items():
+                    for layer, value in zip(self.layers, values, strict=True):
+                        out.append((layer, set_name, prefix + metric, value))
+        return sorted(out, key=lambda r: (r[0], list(self.sets).index(r[1])))
+
+    def to_csv(self) -> str:
+        """``scan.csv``: columns layer, set, metric, value (full float precision)."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(("layer", "set", "metric", "value"))
+        for layer, set_name, metric, value in self.rows():
+            writer.writerow((layer, set_name, metric, repr(float(value))))
+        return buf.getvalue()
+
+    def to_json(self) -> dict[str, Any]:
+        """``scan.json``: everything needed to understand, redraw and repeat the scan."""
+        from tli import __version__
+
+        sel = self.select_set
+        key = self.select_metric
+        return {
+            "stage": "scan",
+            "tli_version": __version__,
+            "model": self.model,
+            "inputs": dict(self.inputs),
+            "num_layers": self.num_layers,
+            "layers": list(self.layers),
+            "config": dataclasses.asdict(self.config),
+            "n_pairs": dict(self.n_pairs),
+            "selection": {
+                "select_by": self.config.select_by,
+                "metric": key,
+                "set": sel,
+                "chosen_layer": self.chosen_layer,
+                "chosen_value": self.value(sel, key, self.chosen_layer),
+                "next_best_layer": self.next_best_layer,
+                "next_best_value": None
+                if self.next_best_layer is None
+                else self.value(sel, key, self.next_best_layer),
+            },
+            "chosen_layer": self.chosen_layer,
+            "next_best_layer": self.next_best_layer,
+            "warnings": list(self.warnings),
+            "notes": list(self.notes),
+            "timings": dict(self.timings),
+            "sets": self.sets,
+            "centered": self.centered,
+        }
+
+    def save(self, directory: str | os.PathLike[str], *, plot: bool = True) -> Path:
+        """Write ``scan.csv``, ``scan.png`` and, last, ``scan.json`` atomically into a directory.
+
+        ``scan.json`` is written last, so a directory with a ``scan.json`` holds a whole scan.
+        """
+        from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+
+        directory = ensure_dir(directory)
+        atomic_write_text(directory / CSV_NAME, self.to_csv())
+        if plot:
+            from tli.plots import plot_scan
+
+            plot_scan(self, directory / PNG_NAME)
+        atomic_write_json(directory / JSON_NAME, self.to_json())
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> ScanResult:
+        """Read a scan back from its directory (``scan.json``; the CSV is derived from it)."""
+        path = Path(directory)
+        path = path / JSON_NAME if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TLIError(f"{path}: no such file (not a scan directory?)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TLIError(f"{path}: cannot read: {err}") from None
+        try:
+            if data.get("stage") != "scan":
+                raise KeyError("stage")
+            names = {f.name for f in dataclasses.fields(ScanConfig)}
+            config = ScanConfig(**{k: v for k, v in data["config"].items() if k in names})
+            return cls(
+                config=config,
+                model=str(data["model"]),
+                num_layers=int(data["num_layers"]),
+                layers=[int(x) for x in data["layers"]],
+                sets=_floats(data["sets"]),
+                centered=_floats(data.get("centered") or {}),
+                n_pairs={k: int(v) for k, v in data["n_pairs"].items()},
+                chosen_layer=int(data["chosen_layer"]),
+                next_best_layer=None
+                if data.get("next_best_layer") is None
+                else int(data["next_best_layer"]),
+                select_set=str(data["selection"]["set"]),
+                warnings=list(data.get("warnings", [])),
+                notes=list(data.get("notes", [])),
+                timings={k: float(v) for k, v in data.get("timings", {}).items()},
+                inputs={k: str(v) for k, v in data.get("inputs", {}).items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise TLIError(f"{path}: not a tli scan result ({type(err).__name__}: {err})") from None
+
+    # --- text ---------------------------------------------------------------------------
+
+    def table(self, *, with_warnings: bool = True) -> str:
+        """A short plain-text summary: one block per set, then the choice and the warnings."""
+        lines = [
+            f"scan of {self.model}: layers {self.layers[0]}..{self.layers[-1]} "
+            f"(0 = embeddings, {self.num_layers} = final), pooling {self.config.pooling}"
+        ]
+        pct = int(round(self.config.level * 100))
+        for set_name, s in self.sets.items():
+            chance = s["chance_p_at_1_s2t"][0]
+            lines += [
+                "",
+                f"{set_name} ({self.n_pairs[set_name]} pairs; P@1 chance {chance:.4f})",
+                f"{'layer':>5}  {'pair cos':>8}  {'baseline':>8}  "
+                f"{f'margin [{pct}% CI]':>27}  {'P@1 nn':>6}  {'P@1 csls':>8}",
+            ]
+            for i, layer in enumerate(self.layers):
+                mark = "*" if layer == self.chosen_layer else " "
+                mark = "+" if layer == self.next_best_layer else mark
+                lines.append(
+                    f"{layer:>4}{mark}  {s['pair_mean'][i]:8.4f}  {s['baseline'][i]:8.4f}  "
+                    f"{s['margin'][i]:+8.4f} [{s['margin_lo'][i]:+8.4f}, {s['margin_hi'][i]:+8.4f}]"
+                    f"  {s['p_at_1_s2t_nn'][i]:6.4f}  {s['p_at_1_s2t_csls'][i]:8.4f}"
+                )
+        key, sel = self.select_metric, self.select_set
+        lines += [
+            "",
+            f"chosen layer (*): {self.chosen_layer}, by {self.config.select_by} "
+            f"({key} on {sel} = {self.value(sel, key, self.chosen_layer):.4f})",
+        ]
+        if self.next_best_layer is not None:
+            lines.append(
+                f"next best (+): {self.next_best_layer} "
+                f"({key} = {self.value(sel, key, self.next_best_layer):.4f})"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        if with_warnings:
+            lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _floats(table: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, Summary]:
+    """JSON summaries back to floats (JSON ``null`` was a NaN)."""
+    return {
+        s: {m: [math.nan if v is None else float(v) for v in vals] for m, vals in d.items()}
+        for s, d in table.items()
+    }
+
+
+# --- choosing a layer -----------------------------------------------------------------------
+
+
+def select_layer(
+    summary: Mapping[str, Sequence[float]], layers: Sequence[int], select_by: str
+) -> tuple[int, int | None]:
+    """The best and the next-best layer by one rule.
+
+    Every scanned layer is eligible, 0 and N included (the paper scanned them all and took the
+    argmax); :func:`check_choice` reports what a choice of 0 or N means.
+
+    Args:
+        summary: Metric -> one value per layer (one set's :func:`tli.metrics.alignment_summary`).
+        layers: The layer index of each value.
+        select_by: A key of :data:`SELECT_METRICS`.
+
+    Returns:
+        ``(chosen, next_best)``; ``next_best`` is None when only one layer was scanned. Ties in
+        the rule's metric go to the larger margin, then to the lower layer; NaN ranks last.
+    """
+    if select_by not in SELECT_METRICS:
+        raise TLIError(f"select_by must be one of {', '.join(SELECT_BY)}, got {select_by!r}")
+    values = summary[SELECT_METRICS[select_by]]
+    margins = summary.get("margin", [0.0] * len(values))
+
+    def score(v: float) -> float:
+        return -math.inf if v is None or math.isnan(v) else v
+
+    order = sorted(
+        range(len(layers)), key=lambda i: (-score(values[i]), -score(margins[i]), layers[i])
+    )
+    return layers[order[0]], (layers[order[1]] if len(order) > 1 else None)
+
+
+def check_choice(
+    sets: Mapping[str, Mapping[str, Sequence[float]]],
+    layers: Sequence[int],
+    chosen: int,
+    num_layers: int,
+    *,
+    baseline_warn: float = 0.9,
+    level: float = 0.95,
+) -> tuple[list[str], list[str]]:
+    """Warnings and notes about a chosen layer, for every set.
+
+    Warns when the margin CI includes zero (or lies below it), when the mismatched baseline is
+    above ``baseline_warn`` (DESIGN.md, fact 1), and when layer 0 is chosen (no block lies
+    below it, so training there has nothing to train; DESIGN.md, fact 4). Notes when layer N is
+    chosen (the layer the evaluation measures).
+
+    Returns:
+        ``(warnings, notes)``, each a list of one-line messages.
+    """
+    i = list(layers).index(chosen)
+    pct = int(round(level * 100))
+    warnings: list[str] = []
+    for name, s in sets.items():
+        lo, hi, base = s["margin_lo"][i], s["margin_hi"][i], s["baseline"][i]
+        if hi < 0:
+            warnings.append(
+                f"layer {chosen}, {name}: translations are less similar than mismatched pairs "
+                f"(margin {s['margin'][i]:+.4f}, {pct}% CI [{lo:+.4f}, {hi:+.4f}])"
+            )
+        elif lo <= 0:
+            warnings.append(
+                f"layer {chosen}, {name}: the margin's {pct}% CI [{lo:+.4f}, {hi:+.4f}] includes "
+                "zero: translation pairs are not measurably closer than mismatched pairs"
+            )
+        if base > baseline_warn:
+            warnings.append(
+                f"layer {chosen}, {name}: mismatched-pair baseline {base:.4f} > {baseline_warn}: "
+                f"the high cosine there (pairs {s['pair_mean'][i]:.4f}) is anisotropy, "
+                "not alignment"
+            )
+    if chosen == 0:
+        warnings.append(
+            "layer 0 is the input embeddings: no block lies below it, so an adapter trained "
+            "there receives no gradient"
+        )
+    notes = []
+    if chosen == num_layers:
+        notes.append(
+            f"layer {chosen} is the final layer, the one the evaluation measures: training "
+            "there optimises the evaluation's own representation"
+        )
+    return warnings, notes
+
+
+def build_result(
+    cfg: ScanConfig,
+    *,
+    model: str,
+    num_layers: int,
+    layers: Sequence[int],
+    sets: dict[str, Summary],
+    n_pairs: Mapping[str, int],
+    centered: dict[str, Summary] | None = None,
+    timings: Mapping[str, float] | None = None,
+) -> ScanResult:
+    """Choose the layer from computed summaries, check the choice, and log the warnings."""
+    if not sets:
+        raise TLIError("nothing to scan: no set has pairs")
+    select_set = cfg.select_on if cfg.select_on in sets else next(iter(sets))
+    notes = []
+    if select_set != cfg.select_on:
+        notes.append(f"no set {cfg.select_on!r}; the layer was chosen on {select_set!r}")
+    layers = [int(x) for x in layers]
+    chosen, next_best = select_layer(sets[select_set], layers, cfg.select_by)
+    warnings, more = check_choice(
+        sets, layers, chosen, num_layers, baseline_warn=cfg.baseline_warn, level=cfg.level
+    )
+    for message in warnings:
+        log.warning("%s", message)
+    return ScanResult(
+        config=cfg,
+        model=model,
+        num_layers=num_layers,
+        layers=layers,
+        sets=sets,
+        centered=centered or {},
+        n_pairs=dict(n_pairs),
+        chosen_layer=chosen,
+        next_best_layer=next_best,
+        select_set=select_set,
+        warnings=warnings,
+        notes=notes + more,
+        timings=dict(timings or {}),
+    )
+
+
+# --- the scan -------------------------------------------------------------------------------
+
+
+def _gold(pairs: Sequence[Any]) -> torch.Tensor:
+    """Source -> target gold mask ``(B, B)``: the diagonal plus listed alternatives."""
+    from tli.metrics import gold_mask_from_keys
+    from tli.pairs import gold_keys
+
+    gold = gold_keys(pairs)
+    return gold_mask_from_keys(gold.accept, gold.candidates)
+
+
+def check_sets(sets: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
+    """The non-empty sets, each checked to hold at least 2 pairs (a baseline needs mismatches).
+
+    Raises:
+        TLIError: If a set holds a single pair, or every set is empty.
+    """
+    out = {name: list(pairs) for name, pairs in sets.items() if pairs}
+    for name, pairs in out.items():
+        if len(pairs) < 2:
+            raise TLIError(
+                f"set {name!r} has {len(pairs)} pair; the scan needs at least 2 per set "
+                "(the baseline is made of mismatched pairs)"
+            )
+    if not out:
+        raise TLIError("nothing to scan: every set is empty")
+    return out
+
+
+def run_scan(
+    loaded: Any, sets: Mapping[str, Sequence[Any]], cfg: ScanConfig | None = None
+) -> ScanResult:
+    """Scan every layer of a model on sets of word pairs and choose a layer.
+
+    Args:
+        loaded: A :class:`tli.models.LoadedModel`. A full model is scanned at 0..N; a model
+            built with ``max_layer=L`` at 0..L.
+        sets: Set name (e.g. ``trained``, ``control``) -> its :class:`tli.pairs.Pair` list.
+            Empty sets are skipped; a set needs at least 2 pairs (a baseline needs mismatched
+            pairs).
+        cfg: The scan's configuration (defaults: :class:`ScanConfig`).
+
+    Returns:
+        The :class:`ScanResult`; warnings about the choice are also logged.
+    """
+    from tli.embed import embed
+    from tli.metrics import alignment_summary
+
+    cfg = cfg or ScanConfig()
+    start = time.perf_counter()
+    sets = check_sets(sets)
+    depth = loaded.num_layers if not loaded.truncated else loaded.depth
+    layers = list(range(depth + 1))
+    # Every distinct string once, whatever set or side it comes from.
+    texts = list(
+        dict.fromkeys(s for pairs in sets.values() for p in pairs for s in (p.source, p.target))
+    )
+    where = {text: i for i, text in enumerate(texts)}
+    vectors = embed(loaded, texts, layers, pooling=cfg.pooling, batch_size=cfg.batch_size)
+    embedded = time.perf_counter()  # (L, S, D) for S distinct strings
+
+    def side(attr: str) -> dict[str, torch.Tensor]:
+        return {
+            name: vectors[:, [where[getattr(p, attr)] for p in pairs]]  # (L, B, D)
+            for name, pairs in sets.items()
+        }
+
+    src, tgt = side("source"), side("target")
+    golds = {name: _gold(pairs) for name, pairs in sets.items()}
+
+    def summaries(s: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, Summary]:
+        return {
+            name: alignment_summary(
+                s[name],
+                t[name],
+                golds[name],
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+                csls_k=cfg.csls_k,
+                level=cfg.level,
+            )
+            for name in sets
+        }
+
+    summary = summaries(src, tgt)
+    centered: dict[str, Summary] = {}
+    if cfg.center:
+        centered = summaries(_center_language(src), _center_language(tgt))
+    done = time.perf_counter()
+    timings = {
+        "embed_s": embedded - start,
+        "metrics_s": done - embedded,
+        "total_s": done - start,
+        "n_strings": float(len(texts)),
+    }
+    log.debug("scan: %d strings, %d layers, %.2f s", len(texts), len(layers), done - start)
+    return build_result(
+        cfg,
+        model=loaded.name,
+        num_layers=loaded.num_layers,
+        layers=layers,
+        sets=summary,
+        n_pairs={name: len(pairs) for name, pairs in sets.items()},
+        centered=centered,
+        timings=timings,
+    )
+
+
+def _center_language(by_set: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Centre one language's vectors by its mean over all sets, per layer.
+
+    The mean is taken over every word of the language (all sets together), as MUSE centres a
+    whole vocabulary, so a small control set does not get a noisier mean of its own.
+    """
+    from tli.metrics import center
+
+    names = list(by_set)
+    sizes = [by_set[n].shape[-2] for n in names]
+    joined = center(torch.cat([by_set[n] for n in names], dim=-2))  # (L, sum B, D)
+    return dict(zip(names, torch.split(joined, sizes, dim=-2), strict=True))
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _one_line_error(message: str) -> None:
+    """Report argparse's errors as one ``tli: error:`` line with exit code 2."""
+    print(f"tli: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli scan``."""
+    from tli.config import add_dataclass_arguments
+    from tli.models import ModelConfig
+
+    p = sub.add_parser(
+        "scan",
+        help="layer scan: alignment at every layer, with baseline, margin and retrieval",
+        description="Embed every word of the pair sets at every layer 0..N (one pass per "
+        "batch), report per layer and set the mean pair cosine (the paper's pilot metric), "
+        "the mismatched-pair baseline, the margin with a bootstrap CI and retrieval P@1/P@5/"
+        "MRR (NN and CSLS, both directions), choose a layer and write scan.csv, scan.json "
+        "and scan.png to --out.",
+    )
+    p.error = _one_line_error  # type: ignore[method-assign]
+    p.add_argument("--model", default="gemma-3-270m", help="model name, .gguf, dir or hub id")
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if "
+        "any, gives the sets (default: the bundled lexicon and its split)",
+    )
+    p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
+    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
+    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
+    add_dataclass_arguments(p, ScanConfig)
+    add_dataclass_arguments(p, ModelConfig, skip=("name",))
+    p.add_argument(
+        "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
+    )
+    p.set_defaults(func=_run)
+
+
+def check_out_dir(path: Path) -> None:
+    """Fail early (before any model is loaded) if ``path`` cannot become an output directory."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise TLIError(f"{path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise TLIError(f"{path}: directory is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TLIError(f"{path}: cannot create directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TLIError(f"{path}: cannot create directory: {parent} is not writable")
+
+
+def _read_sets(args: argparse.Namespace) -> dict[str, list[Any]]:
+    from tli.pairs import check_leakage, load_lexicon, read_pairs, split_sets
+
+    if args.pairs is None:
+        pairs, name = load_lexicon(), "the bundled lexicon"
+    else:
+        pairs = read_pairs(args.pairs, src_key=args.src_key, tgt_key=args.tgt_key)
+        name = str(args.pairs)
+    sets = split_sets(pairs)
+    if args.control is not None:
+        if sets["control"]:
+            raise TLIError(
+                f"{name} has its own control split and --control was given: use one or the other"
+            )
+        sets["control"] = read_pairs(args.control, src_key=args.src_key, tgt_key=args.tgt_key)
+        leaks = check_leakage(sets["trained"], sets["control"])
+        if leaks:
+            log.warning(
+                "%s: %d control item(s) overlap the trained set, e.g. %s",
+                args.control,
+                len(leaks),
+                leaks[0],
+            )
+    checked = check_sets(sets)
+    if "control" not in checked:
+        log.info("%s has no control split: scanning the trained set only", name)
+    return checked
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tli.config import build, overrides_from_args
+    from tli.models import ModelConfig, load_model
+
+    cfg = build(ScanConfig, overrides_from_args(ScanConfig, args))
+    model_values = overrides_from_args(ModelConfig, args)
+    model_cfg = build(ModelConfig, {**model_values, "name": args.model})
+    check_out_dir(args.out)
+    sets = _read_sets(args)
+    start = time.perf_counter()
+    loaded = load_model(model_cfg)
+    load_s = time.perf_counter() - start
+    result = run_scan(loaded, sets, cfg)
+    result.timings["load_s"] = load_s
+    result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
+    if args.control is not None:
+        result.inputs["control"] = str(args.control)
+    result.save(args.out)
+    print(result.table(with_warnings=False))  # the warnings went to stderr already
+    print(
+        f"wrote {args.out / CSV_NAME}, {args.out / JSON_NAME}, {args.out / PNG_NAME} "
+        f"(scan {result.timings['total_s']:.1f} s after a {load_s:.1f} s load)"
+    )
+    sys.stdout.flush()
+    return 0
