@@ -86,3 +86,14 @@ def tiny_model_dir(tmp_path_factory):
     tiny_model("llama", layers=4).save_pretrained(path)
     tiny_tokenizer("left").save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _reset_tli_logger():
+    """cli.main() points the tli logger at the stderr of its time; undo that after each test."""
+    import logging
+
+    yield
+    logger = logging.getLogger("tli")
+    logger.handlers.clear()
+    logger.propagate = True

@@ -27,7 +27,7 @@ def test_help_lists_subcommands():
     out = subprocess.run(
         [sys.executable, "-m", "tli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for command in ("embed",):
+    for command in ("embed", "pairs", "train"):
         assert command in out
 
 

@@ -10,27 +10,35 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 
 from tli.errors import TLIError
 
 #: Stage modules that contribute subcommands, in the order `tli --help` lists them.
-STAGES = ("tli.pairs", "tli.embed", "tli.scan", "tli.train", "tli.plots")
+STAGES = ("tli.run", "tli.pairs", "tli.embed", "tli.scan", "tli.train", "tli.evaluate", "tli.plots")
 
 log = logging.getLogger("tli")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one ``tli: error:`` line and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:  # noqa: D102
+        self.exit(2, f"tli: error: {self.prog}: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with one subcommand per stage."""
     from tli import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tli",
         description="Targeted Lexical Injection: find, train and honestly measure "
         "cross-lingual lexical alignment in language models.",
     )
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in STAGES:
         importlib.import_module(name).register(sub)
     return parser

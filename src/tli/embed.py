@@ -265,7 +265,9 @@ def embed_strings(
     starts = range(0, len(order), batch_size)
     show = progress if progress is not None else len(order) > 8 * batch_size
     with torch.inference_mode():
-        for start in tqdm(starts, desc="embedding", unit="batch", disable=not show, leave=False):
+        for start in tqdm(
+            starts, desc="embedding", unit="batch", disable=None if show else True, leave=False
+        ):
             idx = order[start : start + batch_size]
             batch = tokenize(tokenizer, [texts[i] for i in idx], device)
             vectors = pooled(model, batch, layers, num_layers=num_layers, pooling=pooling)

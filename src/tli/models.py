@@ -13,6 +13,7 @@ later loads take seconds. ``max_layer=L`` builds the model with the embeddings a
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib
 import importlib.util
@@ -305,6 +306,7 @@ def load_model(
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the unused deeper blocks are reported as unexpected keys
+    hf_logging.disable_progress_bar()  # tli reports its own progress; errors stay one line
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -320,3 +322,28 @@ def load_model(
         num_layers=n,
         max_layer=max_layer if max_layer is not None and max_layer < n else None,
     )
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model options shared by the model-loading commands."""
+    from tli.config import add_dataclass_arguments
+
+    add_dataclass_arguments(p, ModelConfig, skip=("name",))
+    p.add_argument(
+        "--model",
+        help=f"embedded name ({', '.join(EMBEDDED)}), .gguf file, directory or hub id "
+        f"(default: {DEFAULT_MODEL})",
+    )
+
+
+def model_config_from_args(args: argparse.Namespace) -> Any:
+    """ModelConfig from ``--name``-style options (``--model`` is accepted for the name)."""
+    from tli.config import build, overrides_from_args
+
+    values = overrides_from_args(ModelConfig, args)
+    if getattr(args, "model", None):
+        values["name"] = args.model
+    return build(ModelConfig, values)

@@ -1,0 +1,592 @@
+"""TLI training: LoRA (peft) and a contrastive loss on pooled states at one layer (paper, sec. 3.4).
+
+The loss at layer L depends only on blocks 0..L-1 (DESIGN.md, fact 4), so by default the model is
+built with those blocks only and the adapters sit only there: deeper adapters would get no
+gradient and, with LoRA's B initialised to zero, stay the identity. The trained function is the
+same as the paper's; the steps are an order of magnitude cheaper.
+
+A training directory holds::
+
+    train_config.json     resolved config (model and training)
+    train_log.csv         step, epoch, loss, pos_sim, neg_sim, lr
+    train.json            config, trainable parameters, time, steps/s
+    epoch-K/              adapter after epoch K (peft format)
+    final/                final adapter (peft format) + tli_adapter.json
+    checkpoints/step-S/   adapter + state.pt (optimiser, scheduler, RNG, position)
+    checkpoints/latest    name of the newest complete checkpoint
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tli import models, surgery
+from tli.config import check_range
+from tli.embed import POOLINGS, pooled, tokenize
+from tli.errors import TLIError
+from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+from tli.losses import LOSSES, get_loss
+from tli.metrics import gold_mask_from_keys
+from tli.pairs import Pair, gold_keys
+
+log = logging.getLogger("tli")
+
+LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
+MixedPrecision = Literal["no", "bf16", "fp16"]
+ADAPTER_META = "tli_adapter.json"
+LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """TLI training settings; every default is the paper's (sec. 3.4) unless noted."""
+
+    layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "target layer L (0 = embeddings); the loss uses pooled states there. "
+            "Paper: 2, chosen by the pilot scan (sec. 3.2)"
+        },
+    )
+    loss: LossName = field(
+        default="triplet_hardest",
+        metadata={"help": "triplet_hardest (paper, eq. 1), triplet_semi_hard or info_nce"},
+    )
+    margin: float = field(default=0.4, metadata={"help": "triplet margin on cosine (paper, 3.4)"})
+    temperature: float = field(
+        default=0.05, metadata={"help": "InfoNCE temperature (tli; used by info_nce only)"}
+    )
+    lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate (paper, 3.4)"})
+    weight_decay: float = field(
+        default=0.01, metadata={"help": "AdamW weight decay (paper: unstated; torch's default)"}
+    )
+    epochs: int = field(default=5, metadata={"help": "epochs (paper, 3.4)"})
+    batch_size: int = field(
+        default=8, metadata={"help": "pairs per batch, >= 2; in-batch negatives (paper, 3.4)"}
+    )
+    warmup_steps: int = field(
+        default=50, metadata={"help": "linear warm-up steps, then linear decay (paper, 3.4)"}
+    )
+    max_grad_norm: float | None = field(
+        default=None, metadata={"help": "clip gradients to this norm (paper: none)"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for LoRA init, order and dropout"})
+    pooling: str = field(
+        default="mean",
+        metadata={"help": "mean (non-special tokens), mean_all (paper's masked mean) or last"},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper, 3.4)"})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha (paper, 3.4)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (paper, 3.4)"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"),
+        metadata={"help": "modules that get adapters, comma-separated (paper: q_proj,v_proj)"},
+    )
+    adapt_all_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "put adapters on every block, as the paper's adapter files do (blocks "
+            ">= L get no gradient and stay the identity; loads the full model)"
+        },
+    )
+    save_every: int = field(
+        default=50, metadata={"help": "checkpoint every this many steps (0: each epoch only)"}
+    )
+    mixed_precision: MixedPrecision = field(
+        default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.layer is not None:
+            check_range("layer", self.layer, 0)
+        if self.loss not in LOSSES:
+            get_loss(self.loss)  # raises with the valid names
+        check_range("margin", self.margin, 0.0, 2.0)
+        check_range("temperature", self.temperature, 0.0, lo_open=True)
+        check_range("lr", self.lr, 0.0, 1.0, lo_open=True)
+        check_range("weight_decay", self.weight_decay, 0.0)
+        check_range("epochs", self.epochs, 1)
+        if self.batch_size < 2:
+            raise TLIError(
+                f"batch_size must be >= 2 (in-batch negatives need another pair), got "
+                f"{self.batch_size}"
+            )
+        check_range("warmup_steps", self.warmup_steps, 0)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+        if self.pooling not in POOLINGS:
+            raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_range("lora_r", self.lora_r, 1)
+        check_range("lora_alpha", self.lora_alpha, 0.0, lo_open=True)
+        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        if not self.target_modules:
+            raise TLIError("target_modules is empty")
+        check_range("save_every", self.save_every, 0)
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise TLIError(
+                f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
+            )
+
+
+@dataclass
+class TrainResult:
+    """What a finished training run left behind."""
+
+    out_dir: Path
+    adapter_dir: Path
+    steps: int
+    seconds: float
+    final_loss: float
+    log: list[dict[str, float]]
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def lora_config(cfg: TrainConfig, num_layers: int, model: torch.nn.Module) -> Any:
+    """The peft LoraConfig: adapters on blocks below L, or on all blocks."""
+    from peft import LoraConfig
+
+    modules = list(cfg.target_modules)
+    if modules == ["q_proj", "v_proj"]:
+        modules = list(surgery.lora_target_modules(model))  # GPT-2 fuses q/k/v into c_attn
+    layers = None if cfg.adapt_all_layers else list(range(cfg.layer))
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+        layers_to_transform=layers,
+    )
+
+
+def batches_for_epoch(n_pairs: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Seeded batches of pair indices for one epoch; a trailing batch of one joins the previous.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n_pairs, generator=gen).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n_pairs, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches[-2].extend(batches.pop())
+    return batches
+
+
+def batch_gold(pairs: Sequence[Pair], index: Sequence[int]) -> torch.Tensor:
+    """(B, B) mask: True where pair j's target is a listed translation of pair i's source."""
+    gold = gold_keys([pairs[i] for i in index])
+    return gold_mask_from_keys(gold.accept, gold.candidates)
+
+
+def _gather_with_grad(x: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """All processes' rows (rank order); this process's rows keep their graph."""
+    if accelerator.num_processes == 1:
+        return x
+    everything = accelerator.gather(x.detach().contiguous())  # (P * b, D)
+    b, r = x.shape[0], accelerator.process_index
+    return torch.cat([everything[: r * b], x, everything[(r + 1) * b :]])
+
+
+def _loss_kwargs(cfg: TrainConfig) -> dict[str, float]:
+    return {"temperature": cfg.temperature} if cfg.loss == "info_nce" else {"margin": cfg.margin}
+
+
+def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
+    from tli import __version__
+
+    config = loaded.model.config
+    return {
+        "tli_version": __version__,
+        "model": loaded.name,
+        "model_type": config.model_type,
+        "num_layers": loaded.num_layers,
+        "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
+        "layer": cfg.layer,
+        "loss": cfg.loss,
+        "pooling": cfg.pooling,
+        "adapt_all_layers": cfg.adapt_all_layers,
+    }
+
+
+def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
+    """Write the adapter in peft's format (plus tli's metadata), replacing ``path`` atomically."""
+    path = Path(path)
+    ensure_dir(path.parent)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        atomic_write_json(tmp / ADAPTER_META, meta)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _log_csv(rows: list[dict[str, float]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a training directory, or None."""
+    pointer = Path(out_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+def train(
+    loaded: Any,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    out_dir: Path | str,
+    *,
+    resume: bool = False,
+    model_config: dict[str, Any] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train LoRA adapters on ``pairs`` with ``cfg``; write everything under ``out_dir``.
+
+    Args:
+        loaded: a :class:`tli.models.LoadedModel`, built with ``max_layer=cfg.layer`` unless
+            ``cfg.adapt_all_layers``.
+        pairs: the training pairs (source, target, alternatives).
+        cfg: training settings (``cfg.layer`` required).
+        out_dir: the training directory.
+        resume: continue from the newest checkpoint in ``out_dir``.
+        model_config: the model settings to record beside ``cfg`` (for re-runs).
+        on_step: called with the global step after each optimiser step (tests use it to
+            simulate an interruption).
+        progress: show a progress bar.
+    """
+    from accelerate import Accelerator
+    from peft import get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    if cfg.layer is None:
+        raise TLIError("the target layer is not set (--layer)")
+    if not 1 <= cfg.layer <= loaded.num_layers:
+        raise TLIError(
+            f"layer must be in 1..{loaded.num_layers} for training (layer 0, the embeddings, "
+            f"has no block below it to adapt), got {cfg.layer}"
+        )
+    if loaded.depth < cfg.layer:
+        raise TLIError(f"the model holds {loaded.depth} blocks; layer {cfg.layer} needs more")
+    if len(pairs) < 2:
+        raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
+    out_dir = ensure_dir(out_dir)
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+    )
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    loss_fn = get_loss(cfg.loss)
+    meta = _adapter_meta(loaded, cfg)
+
+    config_record = {"model": model_config or {"name": loaded.name}, "train": _cfg_dict(cfg)}
+    if resume:
+        ckpt = latest_checkpoint(out_dir)
+        if ckpt is None:
+            raise TLIError(f"{out_dir}: no checkpoint to resume from")
+        saved = json.loads((out_dir / "train_config.json").read_text())
+        if saved["train"] != config_record["train"]:
+            raise TLIError(f"{out_dir}: the training config differs from the one being resumed")
+    else:
+        if latest_checkpoint(out_dir) is not None or (out_dir / "final").exists():
+            raise TLIError(
+                f"{out_dir}: already holds a training run (use --resume, or a new --out)"
+            )
+        ckpt = None
+        if main:
+            atomic_write_json(out_dir / "train_config.json", config_record)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = loaded.model
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
+    model.peft_config["default"].base_model_name_or_path = loaded.name
+    model.to(accelerator.device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # Re-seed after the adapters exist, so dropout masks do not depend on how many adapters
+    # were initialised (--adapt-all-layers trains the same function as the default).
+    torch.manual_seed(cfg.seed + 1)
+    n_trainable = sum(p.numel() for p in trainable)
+
+    tok = loaded.tokenizer
+    steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+
+    step, rows, elapsed_before = 0, [], 0.0
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        step, rows = int(state["step"]), list(state["log"])
+        elapsed_before = float(state["elapsed"])
+        log.info("resuming %s from step %d of %d", out_dir, step, total_steps)
+
+    def checkpoint(name: str, elapsed: float) -> Path:
+        path = out_dir / "checkpoints" / name
+        if main:
+            save_adapter(model, path, meta)
+            state = {
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "log": rows,
+                "elapsed": elapsed,
+            }
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            from tli.io import atomic_write_bytes
+
+            atomic_write_bytes(path / "state.pt", buf.getvalue())
+            atomic_write_text(out_dir / "checkpoints" / "latest", name + "\n")
+            atomic_write_text(out_dir / "train_log.csv", _log_csv(rows))
+            for old in (out_dir / "checkpoints").glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return path
+
+    start = time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc="training",
+        unit="step",
+        disable=None if (progress and main) else True,
+        leave=False,
+    )
+    last_good = ckpt
+    for epoch in range(step // steps_per_epoch, cfg.epochs):
+        batches = batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, epoch)
+        for k in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            index = batches[k]
+            local = index[accelerator.process_index :: world] if world > 1 else index
+            if world > 1:
+                per = len(index) // world
+                index = index[: per * world]
+                local = index[
+                    accelerator.process_index * per : (accelerator.process_index + 1) * per
+                ]
+            texts = [pairs[i].source for i in local] + [pairs[i].target for i in local]
+            enc = tokenize(tok, texts, accelerator.device)
+            with accelerator.autocast():
+                vec = pooled(
+                    model, enc, [cfg.layer], num_layers=loaded.num_layers, pooling=cfg.pooling
+                )[0]  # (2b, D)
+            b = len(local)
+            anchor = _gather_with_grad(vec[:b].float(), accelerator)  # (B, D)
+            positive = _gather_with_grad(vec[b:].float(), accelerator)  # (B, D)
+            gold = batch_gold(pairs, index).to(anchor.device)  # (B, B)
+            out = loss_fn(anchor, positive, gold, **_loss_kwargs(cfg))
+            if not torch.isfinite(out.loss):
+                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint"
+                raise TLIError(
+                    f"loss is {out.loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                    f"training stopped, {where}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if world > 1:  # every process holds d(global loss)/d(its own rows): sum them
+                for p in trainable:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, reduction="sum")
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            row = {
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": round(out.loss.item(), 6),
+                "pos_sim": round(out.pos_sim.item(), 6),
+                "neg_sim": round(out.neg_sim.item(), 6),
+                "lr": lr,
+            }
+            rows.append(row)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{row['loss']:.4f}",
+                pos=f"{row['pos_sim']:.3f}",
+                neg=f"{row['neg_sim']:.3f}",
+                lr=f"{lr:.2e}",
+            )
+            elapsed = elapsed_before + time.perf_counter() - start
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                last_good = checkpoint(f"step-{step}", elapsed)
+            if on_step is not None:
+                on_step(step)
+        elapsed = elapsed_before + time.perf_counter() - start
+        last_good = checkpoint(f"step-{step}", elapsed)
+        if main:
+            save_adapter(model, out_dir / f"epoch-{epoch + 1}", meta)
+    bar.close()
+    seconds = elapsed_before + time.perf_counter() - start
+    final = out_dir / "final"
+    if main:
+        save_adapter(model, final, meta)
+        atomic_write_text(out_dir / "train_log.csv", _log_csv(rows))
+        atomic_write_json(
+            out_dir / "train.json",
+            {
+                "config": config_record,
+                "pairs": len(pairs),
+                "trainable_parameters": n_trainable,
+                "steps": step,
+                "steps_per_epoch": steps_per_epoch,
+                "processes": world,
+                "seconds": round(seconds, 3),
+                "steps_per_second": round(step / seconds, 3) if seconds > 0 else None,
+                "final_loss": rows[-1]["loss"] if rows else None,
+                "adapter": "final",
+            },
+        )
+    accelerator.wait_for_everyone()
+    return TrainResult(out_dir, final, step, seconds, rows[-1]["loss"] if rows else math.nan, rows)
+
+
+def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from tli.config import to_dict
+
+    return to_dict(cfg)
+
+
+# --- command line -------------------------------------------------------------------------
+
+#: Named presets: partial TrainConfig values. ``paper`` equals the defaults (sec. 3.4).
+PRESETS: dict[str, dict[str, Any]] = {"paper": {}}
+
+
+def read_training_pairs(path: Path | None, args: argparse.Namespace | None = None) -> list[Pair]:
+    """The trained set of a pair file (all pairs when it has no split), or of the lexicon."""
+    from tli.pairs import load_lexicon, read_pairs, split_sets
+
+    if path is None:
+        pairs = load_lexicon()
+    else:
+        kwargs = {}
+        for key in ("src_key", "tgt_key"):
+            if args is not None and getattr(args, key, None):
+                kwargs[key] = getattr(args, key)
+        pairs = read_pairs(path, **kwargs)
+    return split_sets(pairs)["trained"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli train``."""
+    from tli.config import add_dataclass_arguments
+
+    p = sub.add_parser(
+        "train",
+        help="train LoRA adapters with a contrastive loss at the target layer",
+        description="TLI training (paper, sec. 3.4), depth-truncated: only blocks below the "
+        "target layer are built and run. Writes peft adapters, logs and checkpoints.",
+    )
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        help="pair file (its trained split is used); default: the bundled lexicon's trained split",
+    )
+    p.add_argument("--src-key", help="source field name in JSON/CSV pair files")
+    p.add_argument("--tgt-key", help="target field name in JSON/CSV pair files")
+    p.add_argument("--preset", default="paper", help=f"one of {', '.join(PRESETS)}")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="training directory")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    add_dataclass_arguments(p, TrainConfig)
+    models.add_model_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tli.config import build, overrides_from_args, to_dict
+    from tli.models import ModelConfig, load_model
+
+    if args.preset not in PRESETS:
+        raise TLIError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
+    out_dir = args.resume or args.out
+    if args.resume is not None:
+        saved_path = Path(args.resume) / "train_config.json"
+        if not saved_path.is_file():
+            raise TLIError(f"{args.resume}: not a training directory (no train_config.json)")
+        saved = json.loads(saved_path.read_text())
+        cfg = build(TrainConfig, saved["train"])
+        model_values = saved["model"]
+    else:
+        cfg = build(TrainConfig, PRESETS[args.preset], overrides_from_args(TrainConfig, args))
+        model_values = None
+    if cfg.layer is None:
+        raise TLIError("--layer is required (run `tli scan` to choose one)")
+    mcfg = build(ModelConfig, model_values) if model_values else models.model_config_from_args(args)
+    pairs = read_training_pairs(args.pairs, args) if args.resume is None else _saved_pairs(out_dir)
+    if args.resume is None:
+        ensure_dir(out_dir)
+        from tli.pairs import write_pairs
+
+        write_pairs(pairs, Path(out_dir) / "pairs.tsv")
+    loaded = load_model(mcfg, max_layer=None if cfg.adapt_all_layers else cfg.layer)
+    result = train(
+        loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
+    )
+    print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s "
+        f"({result.steps / max(result.seconds, 1e-9):.2f} steps/s), final loss "
+        f"{result.final_loss:.4f}; adapter -> {result.adapter_dir}"
+    )
+    return 0
+
+
+def _saved_pairs(out_dir: Path) -> list[Pair]:
+    from tli.pairs import read_pairs
+
+    path = Path(out_dir) / "pairs.tsv"
+    if not path.is_file():
+        raise TLIError(f"{out_dir}: the training pairs (pairs.tsv) are missing")
+    return read_pairs(path)

@@ -1,0 +1,277 @@
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from tli.embed import pooled_via_full_forward, tokenize
+from tli.errors import TLIError
+from tli.losses import triplet_hardest
+from tli.models import ModelConfig, load_model
+from tli.pairs import Pair
+from tli.train import TrainConfig, batch_gold, batches_for_epoch, lora_config, train
+
+from conftest import tiny_model, tiny_tokenizer
+
+WORDS = [
+    ("mtoto", "child"),
+    ("kitabu", "book"),
+    ("maji", "water"),
+    ("nyumba", "house"),
+    ("mbwa", "dog"),
+    ("paka", "cat"),
+    ("chakula", "food"),
+    ("mti", "tree"),
+    ("jua", "sun"),
+    ("mwezi", "moon"),
+    ("bahari", "sea"),
+    ("mkate", "bread"),
+]
+PAIRS = [Pair(s, t) for s, t in WORDS[:-2]] + [
+    Pair("bahari", "sea", alternatives=("ocean",)),
+    Pair("mkate", "bread"),
+]
+FAST = dict(epochs=2, batch_size=4, warmup_steps=2, lr=5e-3, save_every=0)
+
+
+def adapter(path):
+    return load_file(path / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= tol, key
+
+
+def test_trains_and_writes_peft_adapter(tiny_model_dir, tmp_path):
+    loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    cfg = TrainConfig(layer=2, **FAST)
+    result = train(loaded, PAIRS, cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "run"
+    for name in ("train_log.csv", "train.json", "train_config.json", "epoch-1", "epoch-2", "final"):
+        assert (out / name).exists(), name
+    log_lines = (out / "train_log.csv").read_text().splitlines()
+    assert log_lines[0] == "step,epoch,loss,pos_sim,neg_sim,lr"
+    assert len(log_lines) == 1 + result.steps == 1 + 2 * 3
+    info = json.loads((out / "train.json").read_text())
+    assert info["trainable_parameters"] > 0 and info["steps"] == 6
+    # Adapters only on blocks below L, and every one of them was trained.
+    weights = adapter(out / "final")
+    assert weights and all(".layers.0." in k or ".layers.1." in k for k in weights)
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    # The adapter loads with peft onto the full-depth base model and changes layer-2 vectors.
+    base = load_model(ModelConfig(str(tiny_model_dir)))
+    batch = tokenize(base.tokenizer, ["mtoto", "child"])
+    with torch.no_grad():
+        before = pooled_via_full_forward(base.model, batch, [2, 4])
+        tuned = PeftModel.from_pretrained(base.model, out / "final")
+        after = pooled_via_full_forward(tuned, batch, [2, 4])
+    assert (before - after).abs().max() > 1e-4
+
+
+def _reference_training(model, tok, pairs, cfg, steps):
+    """The paper's way, written out: full model, output_hidden_states, loss at layer L."""
+    from peft import get_peft_model
+    from transformers import get_linear_schedule_with_warmup
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(model, lora_config(cfg, 4, model))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(cfg.seed + 1)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size, cfg.seed, 0))
+    sched = get_linear_schedule_with_warmup(opt, cfg.warmup_steps, per_epoch * cfg.epochs)
+    done = 0
+    for epoch in range(cfg.epochs):
+        for index in batches_for_epoch(len(pairs), cfg.batch_size, cfg.seed, epoch):
+            if done == steps:
+                return model
+            texts = [pairs[i].source for i in index] + [pairs[i].target for i in index]
+            vec = pooled_via_full_forward(model, tokenize(tok, texts), [cfg.layer])[0]
+            b = len(index)
+            loss = triplet_hardest(vec[:b], vec[b:], batch_gold(pairs, index), cfg.margin).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            done += 1
+    return model
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
+def test_depth_truncated_training_equals_full_model(tmp_path, model_type):
+    cfg = TrainConfig(layer=2, **FAST)
+    full = _reference_training(
+        tiny_model(model_type, 4, seed=1), tiny_tokenizer("right"), PAIRS, cfg, steps=6
+    )
+    ref = {k: v for k, v in full.state_dict().items() if "lora_" in k}
+    cut_model = tiny_model(model_type, 4, seed=1)
+    cut_model.model.layers = cut_model.model.layers[:2]
+    from tli.models import LoadedModel
+
+    loaded = LoadedModel(
+        cut_model, tiny_tokenizer("right"), "tiny", "tiny", num_layers=4, max_layer=2
+    )
+    train(loaded, PAIRS, cfg, tmp_path / "cut", progress=False)
+    got = adapter(tmp_path / "cut" / "final")
+    ref = {k.replace(".default", ""): v for k, v in ref.items()}
+    assert_same_adapter(got, ref)
+
+
+def test_adapt_all_layers_gives_the_same_function(tiny_model_dir, tmp_path):
+    cfg = TrainConfig(layer=2, **FAST)
+    cut = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    train(cut, PAIRS, cfg, tmp_path / "cut", progress=False)
+    full = load_model(ModelConfig(str(tiny_model_dir)))
+    cfg_all = TrainConfig(layer=2, adapt_all_layers=True, **FAST)
+    train(full, PAIRS, cfg_all, tmp_path / "all", progress=False)
+    a, b = adapter(tmp_path / "cut" / "final"), adapter(tmp_path / "all" / "final")
+    assert any(".layers.3." in k for k in b) and not any(".layers.3." in k for k in a)
+    for key in a:  # blocks below L trained identically
+        assert (a[key] - b[key]).abs().max() <= 1e-5, key
+    for key in b:  # blocks >= L: B stays zero, so the adapter is the identity there
+        if key not in a and "lora_B" in key:
+            assert b[key].abs().max() == 0
+
+
+def test_resume_after_interruption_gives_the_same_adapter(tiny_model_dir, tmp_path):
+    cfg = TrainConfig(layer=2, epochs=2, batch_size=4, warmup_steps=2, lr=5e-3, save_every=2)
+    straight = train(
+        load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+        PAIRS,
+        cfg,
+        tmp_path / "a",
+        progress=False,
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:  # mid-epoch 2; the newest checkpoint is step 4
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(
+            load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+            PAIRS,
+            cfg,
+            tmp_path / "b",
+            on_step=kill_at_5,
+            progress=False,
+        )
+    assert not (tmp_path / "b" / "final").exists()
+    with pytest.raises(TLIError, match="already holds a training run"):
+        train(
+            load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+            PAIRS,
+            cfg,
+            tmp_path / "b",
+            progress=False,
+        )
+    resumed = train(
+        load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+        PAIRS,
+        cfg,
+        tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
+    assert resumed.steps == straight.steps
+    assert_same_adapter(adapter(tmp_path / "a" / "final"), adapter(tmp_path / "b" / "final"), 0)
+    assert (tmp_path / "a" / "train_log.csv").read_text() == (
+        tmp_path / "b" / "train_log.csv"
+    ).read_text()
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    import tli.losses
+
+    real = tli.losses.triplet_hardest
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        return out._replace(loss=out.loss * math.nan) if calls["n"] == 4 else out
+
+    monkeypatch.setitem(tli.losses.LOSSES, "triplet_hardest", flaky)
+    cfg = TrainConfig(layer=2, epochs=2, batch_size=4, warmup_steps=2, save_every=2)
+    with pytest.raises(TLIError, match="at step 4 .*step-3"):
+        train(
+            load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+            PAIRS,
+            cfg,
+            tmp_path / "run",
+            progress=False,
+        )
+    assert (tmp_path / "run" / "checkpoints" / "step-3" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"batch_size": 1}, "batch_size must be >= 2"),
+        ({"lr": 0.0}, "lr must be >"),
+        ({"epochs": 0}, "epochs must be >="),
+        ({"margin": -1.0}, "margin must be >="),
+        ({"loss": "nope"}, "unknown loss"),
+        ({"pooling": "max"}, "pooling must be one of"),
+        ({"lora_dropout": 1.5}, "lora_dropout must be <="),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, needle):
+    with pytest.raises(TLIError, match=needle):
+        TrainConfig(layer=2, **kwargs)
+
+
+def test_gold_alternative_is_never_a_negative():
+    pairs = [
+        Pair("bahari", "sea", alternatives=("ocean",)),
+        Pair("bahari kuu", "ocean"),
+        Pair("mtoto", "child"),
+    ]
+    gold = batch_gold(pairs, [0, 1, 2])
+    assert gold[0, 1] and gold[0, 0] and not gold[0, 2] and not gold[2, 0]
+
+
+def test_batches_are_seeded_and_cover_every_pair():
+    a = batches_for_epoch(11, 4, seed=3, epoch=1)
+    assert a == batches_for_epoch(11, 4, seed=3, epoch=1)
+    assert a != batches_for_epoch(11, 4, seed=3, epoch=2)
+    assert sorted(i for b in a for i in b) == list(range(11))
+    assert all(len(b) >= 2 for b in batches_for_epoch(9, 4, seed=0, epoch=0))
+
+
+@pytest.mark.slow
+def test_two_processes_with_global_negatives_match_one_process(tiny_model_dir, tmp_path):
+    """accelerate, 2 CPU processes x 3 pairs: negatives come from the global batch of 6."""
+    import os
+    import subprocess
+    import sys
+
+    from tli.pairs import write_pairs
+
+    write_pairs(PAIRS, tmp_path / "pairs.tsv")
+    common = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.tsv"),
+              "--layer", "2", "--epochs", "2", "--lr", "5e-3", "--warmup-steps", "2",
+              "--lora-dropout", "0", "--save-every", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+              "--dynamo_backend", "no", "-m", "tli", "train"]
+    proc = subprocess.run(launch + common + ["--batch-size", "3", "--out", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert info["processes"] == 2
+    one = subprocess.run([sys.executable, "-m", "tli", "train", *common, "--batch-size", "6",
+                          "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert_same_adapter(adapter(tmp_path / "one" / "final"), adapter(tmp_path / "two" / "final"),
+                        1e-4)
