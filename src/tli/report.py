@@ -1,0 +1,129 @@
+"""The report of a run directory: ``report.md`` and a self-contained ``report.html``.
+
+Both are built from the saved results only (config, scan, evaluation, figures). The HTML page
+embeds its figures as data URIs, so it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tli.io import atomic_write_text
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.85em; }
+th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: left; }
+th { background: #f3f3f3; }
+code, pre { background: #f6f6f6; font-size: 0.85em; }
+pre { padding: 0.8em; overflow-x: auto; }
+img { max-width: 100%; border: 1px solid #eee; }
+.verdict { font-weight: 600; }
+"""
+
+
+def _section(title: str, *body: str) -> list[str]:
+    return [f"## {title}", "", *body, ""]
+
+
+def build_markdown(run_dir: Path) -> str:
+    """The report as Markdown, with figures linked as ``figures/NAME.png``."""
+    from tli.evaluate import EvalResult
+    from tli.plots import RUN_FIGURES
+    from tli.scan import ScanResult
+
+    run_dir = Path(run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    scan = ScanResult.load(run_dir / "scan")
+    ev = EvalResult.load(run_dir / "eval")
+    train_info = json.loads((run_dir / "train" / "train.json").read_text())
+    stages = record["stages"]
+    layer = stages["train"]["layer"]
+    n = ev.num_layers
+    lines = [
+        f"# TLI run: {ev.model.get('name', '?')}",
+        "",
+        f"Run directory `{run_dir.name}`. Trained set {stages['pairs']['trained']} pairs, "
+        f"control set {stages['pairs']['control']} pairs. Target layer {layer} "
+        f"({stages['train']['layer_source']}); evaluation at the final layer {n}.",
+        "",
+    ]
+    lines += _section(
+        "Verdicts (final layer)",
+        *[f"- **{line}**" for line in ev.verdict_lines()],
+        "",
+        "A verdict of *alignment improved* needs both the margin (pair cosine minus the "
+        "mismatched-pair baseline) and retrieval P@1 to rise significantly; a rise in raw cosine "
+        "that the baseline shares is collapse, not alignment (docs/evaluation.md).",
+    )
+    warnings = list(scan.warnings) + list(ev.warnings)
+    if warnings:
+        lines += _section("Warnings", *[f"- {w}" for w in warnings])
+    lines += _section(
+        "Table 1: final layer, before and after",
+        ev.table1(),
+        "",
+        f"At the target layer ({layer}):",
+        "",
+        ev.table1(layer),
+    )
+    lines += _section("Layer scan (before training)", "```", scan.table(), "```")
+    for name in ev.sets:
+        lines += _section(f"Table 2: examples, {name} set (final layer)", ev.table2(name))
+    figs = []
+    for fname, caption in RUN_FIGURES.items():
+        if (run_dir / "figures" / fname).is_file():
+            figs += [f"![{caption}](figures/{fname})", "", f"*{caption}*", ""]
+    lines += _section("Figures", *figs)
+    lines += _section(
+        "Training",
+        f"{train_info['steps']} steps, {train_info['trainable_parameters']:,} trainable "
+        f"parameters, {train_info['seconds']:.1f} s ({train_info['steps_per_second']} steps/s), "
+        f"final loss {train_info['final_loss']}. Adapter: `train/final/` (peft format).",
+    )
+    for name in ev.sets:
+        lines += _section(f"Every layer, {name} set", ev.layer_table(name))
+    config = (run_dir / "config.toml").read_text(encoding="utf-8")
+    env = json.loads((run_dir / "environment.json").read_text())
+    lines += _section("Config", "```toml", config.rstrip(), "```")
+    lines += _section("Environment", "```json", json.dumps(env, indent=2), "```")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def build_html(markdown_text: str, run_dir: Path, title: str) -> str:
+    """One self-contained HTML page: the Markdown rendered, figures inlined."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables", "fenced_code"])
+
+    def inline(match: re.Match) -> str:
+        src = match.group(1)
+        path = Path(run_dir) / src
+        return f'src="{_data_uri(path)}"' if path.is_file() else match.group(0)
+
+    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n"
+    )
+
+
+def write_report(run_dir: Path | str) -> dict[str, Any]:
+    """Write ``report.md`` and then ``report.html`` (the stage marker) into the run directory."""
+    run_dir = Path(run_dir)
+    text = build_markdown(run_dir)
+    atomic_write_text(run_dir / "report.md", text)
+    title = text.splitlines()[0].lstrip("# ").strip()
+    atomic_write_text(run_dir / "report.html", build_html(text, run_dir, title))
+    return {"markdown": str(run_dir / "report.md"), "html": str(run_dir / "report.html")}

@@ -1,0 +1,652 @@
+"""`tli run`: the whole protocol in one run directory.
+
+pairs -> scan -> layer choice -> train -> evaluate -> figures -> report. Each stage writes its
+results under the run directory and finishes by writing one file last (its *marker*), so
+``tli run --resume DIR`` knows which stages are complete and skips them. Every file is written
+atomically, and a lock file keeps a second run out of a directory that a live run holds.
+
+Run directory::
+
+    config.toml        the resolved config (re-run with: tli run --config DIR/config.toml)
+    environment.json   versions, git commit, seed, device, time
+    run.json           what each stage did, the chosen layer, timings
+    pairs/             pairs.tsv (trained + control, with the split) and summary.json
+    scan/ train/ eval/ figures/
+    report.md  report.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tli.config import build, check_range, to_dict
+from tli.errors import TLIError
+from tli.evaluate import EvalConfig
+from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+from tli.models import ModelConfig
+from tli.scan import ScanConfig
+from tli.train import TrainConfig
+
+log = logging.getLogger("tli")
+
+STAGES = ("pairs", "scan", "train", "evaluate", "figures", "report")
+#: The file each stage writes last; its presence means the stage finished.
+MARKERS = {
+    "pairs": "pairs/summary.json",
+    "scan": "scan/scan.json",
+    "train": "train/train.json",
+    "evaluate": "eval/evaluation.json",
+    "figures": "figures/figures.json",
+    "report": "report.html",
+}
+LOCK = "run.lock"
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Which word pairs, and how they are split into trained and control sets."""
+
+    file: str | None = field(
+        default=None,
+        metadata={"help": "pair file (JSON, JSONL, CSV, TSV); none: the bundled lexicon"},
+    )
+    control: str | None = field(
+        default=None, metadata={"help": "a separate control file (else the file's split column)"}
+    )
+    src_key: str = field(default="swahili", metadata={"help": "source field in JSON/CSV files"})
+    tgt_key: str = field(default="english", metadata={"help": "target field in JSON/CSV files"})
+    resplit: bool = field(
+        default=False,
+        metadata={
+            "help": "split anew even if the file has a split column (tli's leakage-free "
+            "split; the paper: 623 trained / 63 control, sec. 3.3)"
+        },
+    )
+    control_fraction: float = field(
+        default=0.1, metadata={"help": "share of pairs held out as control (paper: 63/686)"}
+    )
+    split_seed: int = field(default=0, metadata={"help": "seed of the split"})
+
+    def __post_init__(self) -> None:
+        check_range("pairs.control_fraction", self.control_fraction, 0.0, 0.9, lo_open=True)
+
+
+@dataclass(frozen=True)
+class FigureConfig:
+    """The figures of the report."""
+
+    tsne_pairs: int = field(
+        default=40,
+        metadata={"help": "pairs in the t-SNE sample (paper: 'a representative subset')"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the t-SNE sample and fit"})
+
+    def __post_init__(self) -> None:
+        check_range("figures.tsne_pairs", self.tsne_pairs, 4)
+
+
+#: Sections of the run config: TOML table name -> config class.
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "pairs": PairsConfig,
+    "scan": ScanConfig,
+    "train": TrainConfig,
+    "evaluate": EvalConfig,
+    "figures": FigureConfig,
+}
+#: Keys set once for the whole run rather than per stage.
+GLOBAL_KEYS = ("pooling",)
+
+#: Named presets: section -> partial values (plus top-level keys).
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's protocol exactly: mean over all attention-masked tokens (BOS included) in the
+    # scan, the training and the evaluation (sec. 3.2, 3.4, 3.5); the layer of highest mean
+    # cosine; every hyper-parameter of sec. 3.4 (the section defaults).
+    "paper": {"pooling": "mean_all", "scan": {"select_by": "cosine"}},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: one pooling for every stage, and one section per stage."""
+
+    preset: str = "paper"
+    pooling: str = "mean_all"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    figures: FigureConfig = field(default_factory=FigureConfig)
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The config as TOML tables (None values omitted: TOML has no null)."""
+        out: dict[str, Any] = {"preset": self.preset, "pooling": self.pooling}
+        for name in SECTIONS:
+            values = to_dict(getattr(self, name))
+            values.pop("pooling", None)
+            out[name] = {k: v for k, v in values.items() if v is not None}
+        return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, dict):
+            out.setdefault(key, {}).update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(*layers: dict[str, Any], where: str = "config") -> RunConfig:
+    """Build a RunConfig from nested mappings (preset, file, command line), later ones winning.
+
+    Unknown sections or keys, and per-stage ``pooling`` keys (pooling is set once for the
+    whole run), are errors that name the key.
+    """
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = _merge(merged, layer)
+    preset = merged.pop("preset", "paper")
+    if preset not in PRESETS:
+        raise TLIError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+    merged = _merge(_merge({}, PRESETS[preset]), merged)
+    pooling = merged.pop("pooling", "mean_all")
+    kwargs: dict[str, Any] = {"preset": preset, "pooling": pooling}
+    for key, value in merged.items():
+        if key not in SECTIONS:
+            raise TLIError(
+                f"{where}: unknown key or section {key!r}; known: preset, pooling, "
+                + ", ".join(SECTIONS)
+            )
+        if not isinstance(value, dict):
+            raise TLIError(f"{where}: [{key}] must be a table of keys, got {value!r}")
+        if "pooling" in value:
+            raise TLIError(f"{where}: [{key}] pooling: set pooling once, at the top level")
+    for name, cls in SECTIONS.items():
+        values = dict(merged.get(name, {}))
+        names = {f.name for f in dataclasses.fields(cls)}
+        if "pooling" in names:
+            values["pooling"] = pooling
+        for key in values:
+            if key not in names:
+                raise TLIError(
+                    f"{where}: [{name}] unknown key {key!r}; known: {', '.join(sorted(names))}"
+                )
+        try:
+            kwargs[name] = build(cls, values)
+        except TLIError as err:
+            raise TLIError(f"{where}: [{name}] {err}") from None
+    return RunConfig(**kwargs)
+
+
+def _toml_loads(text: str) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A TOML file as a dict; a TLIError naming the file (and line) when it is bad."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TLIError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TLIError(f"{path}: cannot read: {err}") from None
+    try:
+        return _toml_loads(text)
+    except Exception as err:  # tomllib.TOMLDecodeError
+        raise TLIError(f"{path}: bad TOML: {err}") from None
+
+
+def load_run_config(path: Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The RunConfig of a TOML file (e.g. a run directory's ``config.toml``)."""
+    return resolve_config(read_toml(path), overrides or {}, where=str(path))
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` overrides as a nested dict (values parsed as TOML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TLIError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = _toml_loads(f"v = {raw}")["v"]
+        except Exception:
+            value = raw  # a bare string
+        parts = key.split(".")
+        if len(parts) > 2:
+            raise TLIError(f"--set {item!r}: expected section.key=value")
+        if len(parts) == 1:
+            out[parts[0]] = value
+        else:
+            out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML text, with a header saying how to re-run it."""
+    import tomli_w
+
+    return "# tli run: resolved config; re-run with `tli run --config config.toml`\n" + (
+        tomli_w.dumps(cfg.to_toml_dict())
+    )
+
+
+# --- run directory ----------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Take ``run.lock``; refuse if a live process holds it; take over a stale one."""
+    lock = run_dir / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                holder = {}
+            pid = int(holder.get("pid", 0) or 0)
+            same_host = holder.get("host") == socket.gethostname()
+            if pid and same_host and _pid_alive(pid):
+                raise TLIError(
+                    f"{run_dir}: another tli run (pid {pid}) is using this directory; "
+                    f"wait for it or choose another --out"
+                ) from None
+            log.warning("%s: taking over a stale lock (pid %s is gone)", run_dir, pid or "?")
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        return lock
+    raise TLIError(f"{run_dir}: cannot take the lock {lock}")
+
+
+def environment(cfg: RunConfig) -> dict[str, Any]:
+    """Versions, git commit, seeds, device and time, for environment.json."""
+    import importlib.metadata as md
+    import subprocess
+
+    import torch
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {
+            name: version(name)
+            for name in (
+                "tli",
+                "torch",
+                "transformers",
+                "peft",
+                "accelerate",
+                "safetensors",
+                "scipy",
+                "scikit-learn",
+                "matplotlib",
+            )
+        },
+        "git_commit": commit,
+        "seeds": {
+            "train": cfg.train.seed,
+            "scan": cfg.scan.seed,
+            "evaluate": cfg.evaluate.seed,
+            "split": cfg.pairs.split_seed,
+            "figures": cfg.figures.seed,
+        },
+        "device": cfg.model.device,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Create the directory, refusing to reuse one unless asked."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TLIError(f"{run_dir}: exists and is not a directory")
+    if resume:
+        if not (run_dir / "config.toml").is_file():
+            raise TLIError(f"{run_dir}: not a tli run directory (no config.toml) to resume")
+        return
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise TLIError(
+                f"{run_dir}: exists and is not empty; use --resume to continue it, --overwrite "
+                "to replace it, or another --out"
+            )
+        if not (run_dir / "config.toml").is_file():
+            raise TLIError(f"{run_dir}: not a tli run directory; refusing to overwrite it")
+        import shutil
+
+        for child in run_dir.iterdir():
+            if child.name != LOCK:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    ensure_dir(run_dir)
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+def stage_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
+    """Read, split and save the pairs; returns the sets."""
+    from tli.pairs import (
+        check_leakage,
+        load_lexicon,
+        read_pairs,
+        split_pairs,
+        split_sets,
+        write_pairs,
+    )
+
+    pc = cfg.pairs
+    keys = {"src_key": pc.src_key, "tgt_key": pc.tgt_key}
+    pairs = read_pairs(Path(pc.file).resolve(), **keys) if pc.file else load_lexicon()
+    if pc.control:
+        control = read_pairs(Path(pc.control).resolve(), **keys)
+        sets = {"trained": split_sets(pairs)["trained"], "control": split_sets(control)["trained"]}
+    else:
+        has_split = any(p.split for p in pairs)
+        if pc.resplit or not has_split:
+            pairs = split_pairs(pairs, control_fraction=pc.control_fraction, seed=pc.split_seed)
+        sets = split_sets(pairs)
+    if len(sets["trained"]) < 2 or len(sets["control"]) < 2:
+        raise TLIError(
+            f"pairs: need at least 2 trained and 2 control pairs, got "
+            f"{len(sets['trained'])} and {len(sets['control'])}"
+        )
+    leaks = check_leakage(sets["trained"], sets["control"])
+    folder = ensure_dir(run_dir / "pairs")
+    write_pairs(
+        [dataclasses.replace(p, split="trained") for p in sets["trained"]]
+        + [dataclasses.replace(p, split="control") for p in sets["control"]],
+        folder / "pairs.tsv",
+    )
+    summary = {
+        "source": str(Path(pc.file).resolve()) if pc.file else "bundled lexicon",
+        "control_source": str(Path(pc.control).resolve()) if pc.control else None,
+        "trained": len(sets["trained"]),
+        "control": len(sets["control"]),
+        "leakage": leaks,
+    }
+    for leak in leaks:
+        log.warning("pairs: %s", leak)
+    atomic_write_json(folder / "summary.json", summary)
+    return sets
+
+
+def read_sets(run_dir: Path) -> dict[str, list]:
+    """The sets saved by the pairs stage."""
+    from tli.pairs import read_pairs, split_sets
+
+    return split_sets(read_pairs(run_dir / "pairs" / "pairs.tsv"))
+
+
+def choose_layer(cfg: RunConfig, scan: Any) -> tuple[int, str]:
+    """The training layer: the config's, or the scan's choice (never 0: no block below it)."""
+    if cfg.train.layer is not None:
+        return cfg.train.layer, "set in the config"
+    layer, how = scan.chosen_layer, f"chosen by the scan ({cfg.scan.select_by})"
+    if layer == 0:
+        alt = scan.next_best_layer if scan.next_best_layer else 1
+        log.warning(
+            "the scan chose layer 0 (the embeddings), which has no block below it to "
+            "train; using the next best, layer %d",
+            alt,
+        )
+        layer, how = alt, f"next best of the scan ({cfg.scan.select_by}); layer 0 cannot be trained"
+    return layer, how
+
+
+class Runner:
+    """Runs the stages of one run directory, loading each model at most once."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        self._full: Any = None
+        self.record: dict[str, Any] = {"stages": {}}
+        if (run_dir / "run.json").is_file():
+            self.record = json.loads((run_dir / "run.json").read_text())
+
+    def done(self, stage: str) -> bool:
+        """Whether ``stage`` finished (its marker file exists)."""
+        return (self.run_dir / MARKERS[stage]).is_file()
+
+    def full_model(self) -> Any:
+        """The full-depth model, loaded on first use and then shared by scan and evaluate."""
+        from tli.models import load_model
+
+        if self._full is None:
+            self._full = load_model(self.cfg.model)
+        return self._full
+
+    def note(self, stage: str, **facts: Any) -> None:
+        """Record facts about a stage in ``run.json``."""
+        self.record["stages"].setdefault(stage, {}).update(facts)
+        atomic_write_json(self.run_dir / "run.json", self.record)
+
+    def run(self) -> None:
+        """Run every stage that has not finished yet."""
+        for stage in STAGES:
+            if self.done(stage):
+                log.info("%s: already done, skipped", stage)
+                continue
+            log.info("%s ...", stage)
+            start = time.perf_counter()
+            getattr(self, f"_{stage}")()
+            self.note(stage, seconds=round(time.perf_counter() - start, 2))
+
+    def _pairs(self) -> None:
+        sets = stage_pairs(self.cfg, self.run_dir)
+        self.note("pairs", trained=len(sets["trained"]), control=len(sets["control"]))
+
+    def _scan(self) -> None:
+        from tli.scan import run_scan
+
+        result = run_scan(self.full_model(), read_sets(self.run_dir), self.cfg.scan)
+        result.save(self.run_dir / "scan")
+        self.note("scan", chosen_layer=result.chosen_layer, warnings=result.warnings)
+
+    def _train(self) -> None:
+        from tli.models import load_model
+        from tli.scan import ScanResult
+        from tli.train import train
+
+        layer, how = choose_layer(self.cfg, ScanResult.load(self.run_dir / "scan"))
+        tcfg = dataclasses.replace(self.cfg.train, layer=layer)
+        tokenizer = self._full.tokenizer if self._full is not None else None
+        loaded = load_model(
+            self.cfg.model, tokenizer=tokenizer, max_layer=None if tcfg.adapt_all_layers else layer
+        )
+        resume = (self.run_dir / "train" / "checkpoints" / "latest").is_file()
+        train(
+            loaded,
+            read_sets(self.run_dir)["trained"],
+            tcfg,
+            self.run_dir / "train",
+            resume=resume,
+            model_config=to_dict(self.cfg.model),
+            progress=self.progress,
+        )
+        self.note("train", layer=layer, layer_source=how, resumed=resume)
+
+    def _evaluate(self) -> None:
+        from tli.evaluate import evaluate
+
+        result = evaluate(
+            self.full_model(),
+            self.run_dir / "train" / "final",
+            read_sets(self.run_dir),
+            self.cfg.evaluate,
+            self.run_dir / "eval",
+        )
+        self.note("evaluate", verdicts=result.verdict_lines())
+
+    def _figures(self) -> None:
+        from tli.plots import draw_run_figures
+
+        files = draw_run_figures(
+            self.run_dir, n_pairs=self.cfg.figures.tsne_pairs, seed=self.cfg.figures.seed
+        )
+        atomic_write_json(self.run_dir / MARKERS["figures"], {"files": [p.name for p in files]})
+
+    def _report(self) -> None:
+        from tli.report import write_report
+
+        write_report(self.run_dir)
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) the whole protocol into ``run_dir``; returns it."""
+    run_dir = Path(run_dir).resolve()
+    prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    lock = acquire_lock(run_dir)
+    try:
+        if resume:
+            saved = load_run_config(run_dir / "config.toml")
+            if saved != cfg:
+                raise TLIError(
+                    f"{run_dir}: --resume continues the saved config.toml; "
+                    "give no other config options"
+                )
+        else:
+            atomic_write_text(run_dir / "config.toml", to_toml(cfg))
+            atomic_write_json(run_dir / "environment.json", environment(cfg))
+        Runner(cfg, run_dir, progress=progress).run()
+    finally:
+        lock.unlink(missing_ok=True)
+    return run_dir
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli run``."""
+    p = sub.add_parser(
+        "run",
+        help="the whole protocol: pairs, scan, layer choice, train, evaluate, figures, report",
+        description="Run the TLI protocol end to end into a run directory. Defaults: the "
+        "embedded gemma-3-270m, the bundled lexicon and its split, the paper's settings.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a TOML file (sections: model, pairs, scan, "
+        "train, evaluate, figures; see docs/config.md)",
+    )
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: paper)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tli)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="finish the run in DIR")
+    p.add_argument("--model", help="shortcut for --set model.name=...")
+    p.add_argument("--pairs", help="shortcut for --set pairs.file=...")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume is not None and (
+        args.config or args.preset or args.set or args.model or args.pairs or args.out
+    ):
+        raise TLIError(
+            "--resume DIR continues the run with its saved config; give no other config options"
+        )
+    if args.resume is not None:
+        run_dir = args.resume
+        cfg = load_run_config(Path(run_dir) / "config.toml")
+    else:
+        layers: list[dict[str, Any]] = []
+        if args.config is not None:
+            layers.append(read_toml(args.config))
+        cli: dict[str, Any] = parse_set(args.set)
+        if args.preset:
+            cli["preset"] = args.preset
+        if args.model:
+            cli.setdefault("model", {})["name"] = args.model
+        if args.pairs:
+            cli.setdefault("pairs", {})["file"] = args.pairs
+        cfg = resolve_config(*layers, cli, where=str(args.config or "command line"))
+        cfg = _absolute_paths(cfg)
+        run_dir = args.out or Path("runs/tli")
+    start = time.perf_counter()
+    out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None, overwrite=args.overwrite)
+    record = json.loads((out / "run.json").read_text())
+    for line in record["stages"].get("evaluate", {}).get("verdicts", []):
+        print(line)
+    print(f"run finished in {time.perf_counter() - start:.0f} s: {out / 'report.html'}")
+    return 0
+
+
+def _absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Paths in the config resolved to absolute ones, so config.toml re-runs from anywhere."""
+    pairs = cfg.pairs
+    pairs = dataclasses.replace(
+        pairs,
+        file=str(Path(pairs.file).expanduser().resolve()) if pairs.file else None,
+        control=str(Path(pairs.control).expanduser().resolve()) if pairs.control else None,
+    )
+    model = cfg.model
+    local = Path(model.name).expanduser()
+    if local.exists():
+        model = dataclasses.replace(model, name=str(local.resolve()))
+    return dataclasses.replace(cfg, pairs=pairs, model=model)
