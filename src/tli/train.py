@@ -28,6 +28,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,7 +232,9 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
     ensure_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
+        # save_embedding_layers=False: the adapter never touches embeddings, and peft would
+        # otherwise look the base model up on the hub to decide.
+        model.save_pretrained(tmp, save_embedding_layers=False)
         atomic_write_json(tmp / ADAPTER_META, meta)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
@@ -332,7 +335,10 @@ def train(
             )
         ckpt = None
         if main:
+            from tli.pairs import write_pairs
+
             atomic_write_json(out_dir / "train_config.json", config_record)
+            write_pairs(pairs, out_dir / "pairs.tsv")
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -341,7 +347,9 @@ def train(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
+    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated property
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
     model.peft_config["default"].base_model_name_or_path = loaded.name
     model.to(accelerator.device)
     model.train()
@@ -566,11 +574,6 @@ def _run(args: argparse.Namespace) -> int:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
     mcfg = build(ModelConfig, model_values) if model_values else models.model_config_from_args(args)
     pairs = read_training_pairs(args.pairs, args) if args.resume is None else _saved_pairs(out_dir)
-    if args.resume is None:
-        ensure_dir(out_dir)
-        from tli.pairs import write_pairs
-
-        write_pairs(pairs, Path(out_dir) / "pairs.tsv")
     loaded = load_model(mcfg, max_layer=None if cfg.adapt_all_layers else cfg.layer)
     result = train(
         loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
