@@ -33,6 +33,7 @@ __all__ = [
     "LossOutput",
     "alignment",
     "center_batch",
+    "contrastive_objective",
     "get_loss",
     "info_nce",
     "triplet_hardest",
@@ -431,6 +432,66 @@ def update_running_mean(mean: Tensor | None, x: Tensor, momentum: float = 0.1) -
             f"{tuple(batch_mean.shape)}"
         )
     return torch.lerp(mean.detach().to(batch_mean), batch_mean, momentum)  # (D,)
+
+
+# --------------------------------------------------------------------------------------------
+# objective: a pair loss, optionally on centred vectors, plus a uniformity term
+
+
+def contrastive_objective(
+    anchor: Tensor,
+    positive: Tensor,
+    gold: Tensor | None = None,
+    *,
+    loss: str = "info_nce",
+    center: str | tuple[Tensor, Tensor] = "none",
+    uniformity_weight: float = 0.0,
+    uniformity_t: float = 2.0,
+    **hyperparameters: float,
+) -> LossOutput:
+    """One training objective at one layer: centring, a pair loss, and a uniformity term.
+
+    Optimises ``pair_loss(c(a), c(p)) + w * (uniformity(c(a)) + uniformity(c(p))) / 2``, where
+    ``c`` subtracts a per-language mean (or is the identity) and ``pair_loss`` is one of
+    :data:`LOSSES`. Centring removes the shared direction that makes mean-pooled states
+    anisotropic (DESIGN.md, fact 1), so the pair loss ranks words by what distinguishes them;
+    the uniformity term (Wang and Isola 2020) pushes the whole batch apart and penalises the
+    collapse of DESIGN.md, fact 2. ``pos_sim`` and ``neg_sim`` are those of the pair loss, on
+    the vectors it saw.
+
+    Args:
+        anchor: (B, D) source-word vectors; need not be normalised.
+        positive: (B, D) target-word vectors, row i the translation of anchor row i.
+        gold: Optional (B, B) bool mask of correct candidates (see the module docstring).
+        loss: Name of the pair loss in :data:`LOSSES`.
+        center: ``"none"``; ``"batch"`` (subtract each language's batch mean,
+            :func:`center_batch`); or a pair ``(source_mean, target_mean)`` of (D,) tensors to
+            subtract (e.g. running means from :func:`update_running_mean`; treated as
+            constants).
+        uniformity_weight: Weight w of the uniformity term; 0 leaves it out.
+        uniformity_t: Kernel scale of :func:`uniformity`.
+        **hyperparameters: Passed to the pair loss (``margin``, ``temperature``).
+
+    Returns:
+        LossOutput whose ``loss`` includes the uniformity term.
+
+    Raises:
+        TLIError: As the pair loss; an unknown loss or centring.
+        ValueError: Shapes do not match the contract.
+    """
+    if isinstance(center, tuple):
+        source_mean, target_mean = center
+        anchor = anchor - source_mean.detach().to(anchor)  # (B, D)
+        positive = positive - target_mean.detach().to(positive)  # (B, D)
+    elif center == "batch":
+        anchor, positive = center_batch(anchor), center_batch(positive)  # (B, D) each
+    elif center != "none":
+        raise TLIError(f"center must be none, batch or a pair of means, got {center!r}")
+    out = get_loss(loss)(anchor, positive, gold, **hyperparameters)
+    if uniformity_weight:
+        spread = (uniformity(anchor, uniformity_t) + uniformity(positive, uniformity_t)) / 2
+        out = out._replace(loss=out.loss + uniformity_weight * spread)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

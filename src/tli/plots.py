@@ -364,7 +364,8 @@ def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathL
 
     import numpy as np
 
-    rows = list(csv.DictReader((Path(eval_dir) / "pairs.csv").open(encoding="utf-8")))
+    with (Path(eval_dir) / "pairs.csv").open(encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
     final = max(int(r["layer"]) for r in rows)
     changes: dict[str, list[float]] = {}
     for r in rows:

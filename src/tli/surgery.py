@@ -11,8 +11,11 @@ of block ``i - 1``, and index ``N`` ("final") is the output of the last block af
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tli.errors import TLIError
@@ -28,6 +31,9 @@ class Layout:
     lm_head: str  # relative to the causal-LM model
     num_layers_key: str = "num_hidden_layers"
     attention_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # Whether the decoder adds nothing between its embeddings and block 0 that depends on
+    # position, so block K can be fed cached states (see :func:`start_at_block`).
+    prefix_cache: bool = True
 
 
 _LLAMA_LIKE = Layout(decoder="model", blocks="layers", final_norm="norm", lm_head="lm_head")
@@ -48,6 +54,7 @@ LAYOUTS: dict[str, Layout] = {
         lm_head="lm_head",
         num_layers_key="n_layer",
         attention_modules=("c_attn",),
+        prefix_cache=False,  # adds learned position embeddings to the embeddings itself
     ),
 }
 
@@ -121,3 +128,56 @@ def truncate_config(config: object, max_layer: int) -> object:
 def lora_target_modules(model_or_config: object) -> tuple[str, ...]:
     """The attention projections the paper adapts (q_proj + v_proj; GPT-2 fuses them in c_attn)."""
     return layout(model_or_config).attention_modules
+
+
+class _Skip(nn.Module):
+    """Stands in for a decoder block whose output is supplied from a cache: returns its input."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+def check_prefix_cache(model_or_config: object) -> None:
+    """Raise a TLIError when the architecture cannot resume a pass at a block from a cache."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if not layout(config).prefix_cache:
+        raise TLIError(
+            f"the frozen-prefix activation cache does not support {config.model_type!r} (its "
+            "decoder adds position embeddings before block 0); set prefix_cache = off"
+        )
+
+
+@contextmanager
+def start_at_block(model: nn.Module, k: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Within the context, a decoder pass starts at block ``k`` from ``hidden`` (B, T, D).
+
+    ``hidden`` is what enters block ``k`` (layer index ``k``: the output of block ``k - 1``),
+    e.g. computed once and cached. Blocks ``0..k-1`` are replaced by a pass-through and block
+    ``k``'s input is swapped for ``hidden``; the decoder itself still builds the attention masks
+    (causal, sliding window) and rotary position embeddings from the ``attention_mask`` and
+    ``position_ids`` it is called with, so blocks ``>= k`` see exactly what a full pass gives
+    them. The embedding lookup still runs (cheap); nothing below block ``k`` is differentiated.
+
+    Raises:
+        TLIError: The architecture is not supported (GPT-2), or ``k`` is out of range.
+    """
+    check_prefix_cache(model)
+    stack = blocks(model)
+    if not 0 <= k < len(stack):
+        raise TLIError(f"start block must be in 0..{len(stack) - 1}, got {k}")
+    saved = [stack[i] for i in range(k)]
+
+    def swap(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = stack[k].register_forward_pre_hook(swap, with_kwargs=True)
+    try:
+        for i in range(k):
+            stack[i] = _Skip()
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            stack[i] = block
+        handle.remove()

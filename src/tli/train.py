@@ -30,6 +30,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,7 @@ from tli.config import check_range
 from tli.embed import POOLINGS, pooled, tokenize
 from tli.errors import TLIError
 from tli.io import atomic_write_json, atomic_write_text, ensure_dir
-from tli.losses import LOSSES, get_loss
+from tli.losses import LOSSES, LossOutput, contrastive_objective, get_loss, update_running_mean
 from tli.metrics import gold_mask_from_keys
 from tli.pairs import Pair, gold_keys
 
@@ -49,6 +50,8 @@ log = logging.getLogger("tli")
 
 LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
+Center = Literal["none", "batch", "running"]
+PrefixCacheMode = Literal["auto", "on", "off"]
 ADAPTER_META = "tli_adapter.json"
 LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
 
@@ -111,6 +114,49 @@ class TrainConfig:
     mixed_precision: MixedPrecision = field(
         default="no", metadata={"help": "accelerate mixed precision: no, bf16 or fp16"}
     )
+    loss_layers: tuple[int | str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "layers where the loss applies, comma-separated: indices 1..N, 'target' "
+            "(= --layer) or 'final' (N); e.g. target,final. Default: the target layer only "
+            "(paper, 3.4). tli"
+        },
+    )
+    loss_weights: tuple[float, ...] | None = field(
+        default=None,
+        metadata={"help": "weight of each loss layer's term (default: equal, summing to 1). tli"},
+    )
+    center: Center = field(
+        default="none",
+        metadata={
+            "help": "subtract each language's mean before the loss: none (paper), batch (the "
+            "batch mean) or running (an exponential moving average). tli"
+        },
+    )
+    center_momentum: float = field(
+        default=0.1, metadata={"help": "weight of each new batch in the running mean. tli"}
+    )
+    uniformity_weight: float = field(
+        default=0.0,
+        metadata={"help": "weight of the uniformity term (Wang and Isola 2020); 0: off. tli"},
+    )
+    uniformity_t: float = field(
+        default=2.0, metadata={"help": "kernel scale t of the uniformity term. tli"}
+    )
+    adapt_layers: str | None = field(
+        default=None,
+        metadata={
+            "help": "blocks that get adapters (0-based), e.g. 0-5 or 2,4,6-8 or all "
+            "(default: every block below the deepest loss layer). tli"
+        },
+    )
+    prefix_cache: PrefixCacheMode = field(
+        default="auto",
+        metadata={
+            "help": "frozen-prefix activation cache when no adapter sits below block K > 0: "
+            "auto (when the architecture allows), on (required) or off. tli"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.layer is not None:
@@ -141,6 +187,167 @@ class TrainConfig:
             raise TLIError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
             )
+        if self.loss_layers is not None:
+            object.__setattr__(self, "loss_layers", _normalise_loss_layers(self.loss_layers))
+        n_terms = len(self.loss_layers) if self.loss_layers is not None else 1
+        if self.loss_weights is not None:
+            weights = tuple(float(w) for w in self.loss_weights)
+            object.__setattr__(self, "loss_weights", weights)
+            if len(weights) != n_terms:
+                raise TLIError(
+                    f"loss_weights has {len(weights)} value(s) but loss_layers has {n_terms}"
+                )
+            if any(w < 0 or w != w for w in weights) or sum(weights) <= 0:
+                raise TLIError(f"loss_weights must be >= 0 with a positive sum, got {weights}")
+        if self.center not in ("none", "batch", "running"):
+            raise TLIError(f"center must be none, batch or running, got {self.center!r}")
+        check_range("center_momentum", self.center_momentum, 0.0, 1.0, lo_open=True)
+        check_range("uniformity_weight", self.uniformity_weight, 0.0)
+        check_range("uniformity_t", self.uniformity_t, 0.0, lo_open=True)
+        if self.adapt_layers is not None:
+            parse_blocks(self.adapt_layers, None)  # syntax now; bounds once N is known
+            if self.adapt_all_layers:
+                raise TLIError("adapt_layers and adapt_all_layers: set one of them, not both")
+        if self.prefix_cache not in ("auto", "on", "off"):
+            raise TLIError(f"prefix_cache must be auto, on or off, got {self.prefix_cache!r}")
+
+
+def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
+    """Loss layers as ints, 'target' and 'final'; a TLIError naming the field otherwise."""
+    if isinstance(items, (str, int)):
+        items = [items]
+    out: list[int | str] = []
+    for item in items:
+        text = str(item).strip().lower()
+        if text in ("target", "final"):
+            out.append(text)
+            continue
+        try:
+            layer = int(text)
+        except ValueError:
+            raise TLIError(
+                f"loss_layers: {item!r} is not a layer index, 'target' or 'final'"
+            ) from None
+        if layer < 1:
+            raise TLIError(
+                f"loss_layers: layer {layer} has no block below it to adapt (use 1..N)"
+            )
+        out.append(layer)
+    if not out:
+        raise TLIError("loss_layers is empty")
+    if len(set(out)) != len(out):
+        raise TLIError(f"loss_layers lists a layer twice: {tuple(out)}")
+    return tuple(out)
+
+
+def parse_blocks(spec: str, num_layers: int | None) -> tuple[int, ...] | None:
+    """Block indices (0-based) from ``"0-5"``, ``"2,4,6-8"`` or ``"all"`` (None: every block).
+
+    ``num_layers`` (N) bounds them to 0..N-1; None checks the syntax only.
+    """
+    text = str(spec).strip().lower()
+    if text == "all":
+        return None
+    blocks: list[int] = []
+    for item in text.split(","):
+        item = item.strip()
+        lo, sep, hi = item.partition("-")
+        try:
+            span = range(int(lo), int(hi) + 1) if sep else [int(item)]
+        except ValueError:
+            raise TLIError(
+                f"adapt_layers: {item!r} is not a block index, a range a-b or 'all'"
+            ) from None
+        if sep and int(hi) < int(lo):
+            raise TLIError(f"adapt_layers: empty range {item!r}")
+        for block in span:
+            if block < 0 or (num_layers is not None and block >= num_layers):
+                bound = f"0..{num_layers - 1}" if num_layers is not None else ">= 0"
+                raise TLIError(f"adapt_layers: block {block} is outside {bound}")
+            blocks.append(block)
+    if not blocks:
+        raise TLIError("adapt_layers is empty")
+    return tuple(sorted(set(blocks)))
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Where a config's loss applies and where its adapters go, for a model with N blocks."""
+
+    num_layers: int
+    loss_layers: tuple[int, ...]  # resolved layer indices, 1..N
+    loss_weights: tuple[float, ...]
+    adapt: tuple[int, ...] | None  # blocks with adapters; None: every block
+    load_depth: int | None  # max_layer for tli.models.load_model; None: the full model
+
+    @property
+    def first_adapted(self) -> int:
+        """The lowest adapted block K (0 when every block is adapted)."""
+        return self.adapt[0] if self.adapt else 0
+
+    @property
+    def deepest(self) -> int:
+        """The deepest loss layer."""
+        return max(self.loss_layers)
+
+
+def plan(cfg: TrainConfig, num_layers: int) -> TrainPlan:
+    """Resolve ``cfg``'s loss layers and adapted blocks for a model of ``num_layers`` blocks.
+
+    Raises:
+        TLIError: naming the field, when a loss layer is outside 1..N, 'target' is used with no
+            target layer, an adapted block is outside 0..N-1 or at or above the deepest loss
+            layer (it would get no gradient), or a loss layer has no adapted block below it.
+    """
+    n = num_layers
+    raw = cfg.loss_layers if cfg.loss_layers is not None else ("target",)
+    layers: list[int] = []
+    for item in raw:
+        if item == "target":
+            if cfg.layer is None:
+                raise TLIError("the target layer is not set (--layer)")
+            if not 1 <= cfg.layer <= n:
+                raise TLIError(
+                    f"layer must be in 1..{n} for training (layer 0, the embeddings, has no "
+                    f"block below it to adapt), got {cfg.layer}"
+                )
+            layers.append(cfg.layer)
+        elif item == "final":
+            layers.append(n)
+        else:
+            if not 1 <= int(item) <= n:
+                raise TLIError(f"loss_layers: layer {item} is outside 1..{n}")
+            layers.append(int(item))
+    if len(set(layers)) != len(layers):
+        raise TLIError(f"loss_layers names one layer twice: {raw} -> {layers}")
+    weights = cfg.loss_weights or tuple(1.0 / len(layers) for _ in layers)
+    if len(layers) == 1 and cfg.loss_weights is None:
+        weights = (1.0,)
+    deepest = max(layers)
+    if cfg.adapt_all_layers:
+        adapt: tuple[int, ...] | None = None
+    elif cfg.adapt_layers is not None:
+        adapt = parse_blocks(cfg.adapt_layers, n)
+        if adapt is not None:
+            above = [b for b in adapt if b >= deepest]
+            if above:
+                raise TLIError(
+                    f"adapt_layers: block {above[0]} is at or above the deepest loss layer "
+                    f"{deepest}, so it would get no gradient"
+                )
+            if len(adapt) == n:
+                adapt = None
+    else:
+        adapt = tuple(range(deepest))
+    first = adapt[0] if adapt else 0
+    for layer in layers:
+        if layer <= first:
+            raise TLIError(
+                f"loss_layers: layer {layer} has no adapted block below it (adapt_layers "
+                f"starts at block {first})"
+            )
+    full = cfg.adapt_all_layers or deepest == n
+    return TrainPlan(n, tuple(layers), tuple(weights), adapt, None if full else deepest)
 
 
 @dataclass
@@ -159,13 +366,14 @@ class TrainResult:
 
 
 def lora_config(cfg: TrainConfig, num_layers: int, model: torch.nn.Module) -> Any:
-    """The peft LoraConfig: adapters on blocks below L, or on all blocks."""
+    """The peft LoraConfig: adapters on the blocks :func:`plan` chooses (default: below L)."""
     from peft import LoraConfig
 
     modules = list(cfg.target_modules)
     if modules == ["q_proj", "v_proj"]:
         modules = list(surgery.lora_target_modules(model))  # GPT-2 fuses q/k/v into c_attn
-    layers = None if cfg.adapt_all_layers else list(range(cfg.layer))
+    adapt = plan(cfg, num_layers).adapt
+    layers = None if adapt is None else list(adapt)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -209,20 +417,82 @@ def _loss_kwargs(cfg: TrainConfig) -> dict[str, float]:
     return {"temperature": cfg.temperature} if cfg.loss == "info_nce" else {"margin": cfg.margin}
 
 
+def objective(
+    cfg: TrainConfig,
+    anchors: Sequence[torch.Tensor],
+    positives: Sequence[torch.Tensor],
+    gold: torch.Tensor,
+    weights: Sequence[float],
+    running: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+) -> LossOutput:
+    """The training objective over every loss layer: a weighted sum of per-layer terms.
+
+    Args:
+        cfg: the loss, its hyper-parameters, centring and uniformity settings.
+        anchors: one (B, D) tensor of source-word vectors per loss layer.
+        positives: one (B, D) tensor of target-word vectors per loss layer.
+        gold: (B, B) bool mask of correct candidates.
+        weights: one weight per loss layer.
+        running: per loss layer, the (source, target) running means so far (None before the
+            first batch), updated in place with this batch when ``cfg.center`` is "running".
+
+    Returns:
+        LossOutput: the weighted loss; ``pos_sim`` and ``neg_sim`` weighted the same way.
+    """
+    outs: list[LossOutput] = []
+    for i, (anchor, positive) in enumerate(zip(anchors, positives, strict=True)):
+        center: Any = cfg.center
+        if cfg.center == "running":
+            assert running is not None
+            old = running[i]
+            means = (
+                update_running_mean(old[0] if old else None, anchor, cfg.center_momentum),
+                update_running_mean(old[1] if old else None, positive, cfg.center_momentum),
+            )
+            running[i] = means
+            center = means
+        outs.append(
+            contrastive_objective(
+                anchor,
+                positive,
+                gold,
+                loss=cfg.loss,
+                center=center,
+                uniformity_weight=cfg.uniformity_weight,
+                uniformity_t=cfg.uniformity_t,
+                **_loss_kwargs(cfg),
+            )
+        )
+    if len(outs) == 1 and weights[0] == 1.0:
+        return outs[0]
+    return LossOutput(
+        sum(w * o.loss for w, o in zip(weights, outs, strict=True)),
+        sum(w * o.pos_sim for w, o in zip(weights, outs, strict=True)) / sum(weights),
+        sum(w * o.neg_sim for w, o in zip(weights, outs, strict=True)) / sum(weights),
+    )
+
+
 def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
     from tli import __version__
 
     config = loaded.model.config
+    p = plan(cfg, loaded.num_layers)
     return {
         "tli_version": __version__,
         "model": loaded.name,
         "model_type": config.model_type,
         "num_layers": loaded.num_layers,
         "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
-        "layer": cfg.layer,
+        # the deepest loss layer: the layer an evaluation marks as the training layer
+        "layer": p.deepest,
+        "target_layer": cfg.layer,
+        "loss_layers": list(p.loss_layers),
         "loss": cfg.loss,
+        "center": cfg.center,
+        "uniformity_weight": cfg.uniformity_weight,
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
+        "adapt_layers": None if p.adapt is None else list(p.adapt),
     }
 
 
@@ -283,10 +553,10 @@ def train(
     """Train LoRA adapters on ``pairs`` with ``cfg``; write everything under ``out_dir``.
 
     Args:
-        loaded: a :class:`tli.models.LoadedModel`, built with ``max_layer=cfg.layer`` unless
-            ``cfg.adapt_all_layers``.
+        loaded: a :class:`tli.models.LoadedModel`, built with
+            ``max_layer=plan(cfg, N).load_depth`` (:func:`load_depth`).
         pairs: the training pairs (source, target, alternatives).
-        cfg: training settings (``cfg.layer`` required).
+        cfg: training settings (``cfg.layer`` required when a loss layer is the target).
         out_dir: the training directory.
         resume: continue from the newest checkpoint in ``out_dir``.
         model_config: the model settings to record beside ``cfg`` (for re-runs).
@@ -300,15 +570,14 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    if cfg.layer is None:
-        raise TLIError("the target layer is not set (--layer)")
-    if not 1 <= cfg.layer <= loaded.num_layers:
+    the_plan = plan(cfg, loaded.num_layers)
+    needed = the_plan.load_depth or loaded.num_layers
+    if loaded.depth < needed:
+        what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
         raise TLIError(
-            f"layer must be in 1..{loaded.num_layers} for training (layer 0, the embeddings, "
-            f"has no block below it to adapt), got {cfg.layer}"
+            f"the model holds {loaded.depth} blocks; {what} needs {needed} (load it with "
+            f"max_layer={the_plan.load_depth})"
         )
-    if loaded.depth < cfg.layer:
-        raise TLIError(f"the model holds {loaded.depth} blocks; layer {cfg.layer} needs more")
     if len(pairs) < 2:
         raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
     out_dir = ensure_dir(out_dir)
@@ -317,7 +586,6 @@ def train(
     )
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    loss_fn = get_loss(cfg.loss)
     meta = _adapter_meta(loaded, cfg)
 
     config_record = {"model": model_config or {"name": loaded.name}, "train": _cfg_dict(cfg)}
@@ -360,6 +628,8 @@ def train(
     n_trainable = sum(p.numel() for p in trainable)
 
     tok = loaded.tokenizer
+    cache = _prefix_cache(model, tok, pairs, cfg, the_plan, loaded.num_layers)
+    running: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(the_plan.loss_layers)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -374,6 +644,8 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         step, rows = int(state["step"]), list(state["log"])
         elapsed_before = float(state["elapsed"])
+        for i, means in enumerate(state.get("running_means") or []):
+            running[i] = tuple(means) if means is not None else None  # type: ignore[assignment]
         log.info("resuming %s from step %d of %d", out_dir, step, total_steps)
 
     def checkpoint(name: str, elapsed: float) -> Path:
@@ -387,6 +659,7 @@ def train(
                 "torch_rng": torch.get_rng_state(),
                 "log": rows,
                 "elapsed": elapsed,
+                "running_means": [list(m) if m is not None else None for m in running],
             }
             buf = io.BytesIO()
             torch.save(state, buf)
@@ -424,15 +697,19 @@ def train(
                 ]
             texts = [pairs[i].source for i in local] + [pairs[i].target for i in local]
             enc = tokenize(tok, texts, accelerator.device)
-            with accelerator.autocast():
+            with accelerator.autocast(), _from_cache(model, cache, texts, enc):
                 vec = pooled(
-                    model, enc, [cfg.layer], num_layers=loaded.num_layers, pooling=cfg.pooling
-                )[0]  # (2b, D)
+                    model,
+                    enc,
+                    the_plan.loss_layers,
+                    num_layers=loaded.num_layers,
+                    pooling=cfg.pooling,
+                )  # (L, 2b, D)
             b = len(local)
-            anchor = _gather_with_grad(vec[:b].float(), accelerator)  # (B, D)
-            positive = _gather_with_grad(vec[b:].float(), accelerator)  # (B, D)
-            gold = batch_gold(pairs, index).to(anchor.device)  # (B, B)
-            out = loss_fn(anchor, positive, gold, **_loss_kwargs(cfg))
+            anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D) each
+            positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
+            gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
+            out = objective(cfg, anchors, positives, gold, the_plan.loss_weights, running)
             if not torch.isfinite(out.loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint"
                 raise TLIError(
@@ -499,6 +776,58 @@ def train(
         )
     accelerator.wait_for_everyone()
     return TrainResult(out_dir, final, step, seconds, rows[-1]["loss"] if rows else math.nan, rows)
+
+
+def _prefix_cache(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    the_plan: TrainPlan,
+    num_layers: int,
+) -> Any:
+    """The frozen-prefix cache for this run, or None (see :mod:`tli.cache`)."""
+    k = the_plan.first_adapted
+    if cfg.prefix_cache == "off":
+        return None
+    supported = surgery.layout(model).prefix_cache
+    if cfg.prefix_cache == "on":
+        surgery.check_prefix_cache(model)
+        if k < 1:
+            raise TLIError(
+                "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
+                "block 0 is adapted"
+            )
+    if k < 1 or not supported:
+        return None
+    from tli.cache import PrefixCache
+
+    start = time.perf_counter()
+    texts = [s for p in pairs for s in (p.source, p.target)]
+    cache = PrefixCache.build(model, tok, texts, k, num_layers=num_layers)
+    log.info(
+        "prefix cache: states entering block %d for %d strings (%.1f MB) in %.1f s",
+        k,
+        len(cache.states),
+        cache.nbytes / 1e6,
+        time.perf_counter() - start,
+    )
+    return cache
+
+
+@contextmanager
+def _from_cache(model: torch.nn.Module, cache: Any, texts: Sequence[str], enc: dict):
+    """Run the pass from the cached states entering block K (no-op without a cache)."""
+    if cache is None:
+        yield
+        return
+    with surgery.start_at_block(model, cache.k, cache.batch(texts, enc)):
+        yield
+
+
+def load_depth(cfg: TrainConfig, num_layers: int) -> int | None:
+    """The ``max_layer`` to load the model with for ``cfg`` (None: the full model)."""
+    return plan(cfg, num_layers).load_depth
 
 
 def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -570,11 +899,14 @@ def _run(args: argparse.Namespace) -> int:
     else:
         cfg = build(TrainConfig, PRESETS[args.preset], overrides_from_args(TrainConfig, args))
         model_values = None
-    if cfg.layer is None:
+    needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
+    if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
     mcfg = build(ModelConfig, model_values) if model_values else models.model_config_from_args(args)
     pairs = read_training_pairs(args.pairs, args) if args.resume is None else _saved_pairs(out_dir)
-    loaded = load_model(mcfg, max_layer=None if cfg.adapt_all_layers else cfg.layer)
+    _, config = models.load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+    depth = load_depth(cfg, surgery.num_layers(config))
+    loaded = load_model(mcfg, max_layer=depth)
     result = train(
         loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
     )
