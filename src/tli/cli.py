@@ -15,16 +15,39 @@ import typing
 from tli.errors import TLIError
 
 #: Stage modules that contribute subcommands, in the order `tli --help` lists them.
-STAGES = ("tli.run", "tli.pairs", "tli.embed", "tli.scan", "tli.train", "tli.evaluate", "tli.plots")
+STAGES = (
+    "tli.run",
+    "tli.pairs",
+    "tli.embed",
+    "tli.scan",
+    "tli.train",
+    "tli.evaluate",
+    "tli.probe",
+    "tli.plots",
+    "tli.sweep",
+)
 
 log = logging.getLogger("tli")
+
+
+#: Every character that ``str.splitlines`` treats as a line boundary.
+_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def one_line(message: str) -> str:
+    """``message`` with each line break written as an escape: a path or value may hold one."""
+    if not any(ch in message for ch in _BREAKS):
+        return message
+    return "".join(
+        ch.encode("unicode_escape").decode("ascii") if ch in _BREAKS else ch for ch in message
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one ``tli: error:`` line and exit code 2."""
 
     def error(self, message: str) -> typing.NoReturn:  # noqa: D102
-        self.exit(2, f"tli: error: {self.prog}: {message}\n")
+        self.exit(2, f"tli: error: {self.prog}: {one_line(message)}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TLIError as err:
-        print(f"tli: error: {err}", file=sys.stderr)
+        print(f"tli: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tli: interrupted", file=sys.stderr)

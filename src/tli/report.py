@@ -62,6 +62,15 @@ def build_markdown(run_dir: Path) -> str:
         "mismatched-pair baseline) and retrieval P@1 to rise significantly; a rise in raw cosine "
         "that the baseline shares is collapse, not alignment (docs/evaluation.md).",
     )
+    if (run_dir / "probe" / "probe.json").is_file():
+        from tli.probe import probe_summary_line
+
+        lines += _section(
+            "Generated text (probe)",
+            probe_summary_line(run_dir / "probe"),
+            "",
+            "Details: `probe/probe_scores.md`, `probe/probe.md`.",
+        )
     warnings = list(scan.warnings) + list(ev.warnings)
     if warnings:
         lines += _section("Warnings", *[f"- {w}" for w in warnings])

@@ -26,6 +26,8 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +35,28 @@ from typing import Any
 from tli.config import build, check_range, to_dict
 from tli.errors import TLIError
 from tli.evaluate import EvalConfig
-from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+from tli.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    expand_user,
+    is_leftover,
+)
 from tli.models import ModelConfig
+from tli.probe import ProbeConfig
 from tli.scan import ScanConfig
 from tli.train import TrainConfig
 
 log = logging.getLogger("tli")
 
-STAGES = ("pairs", "scan", "train", "evaluate", "figures", "report")
+STAGES = ("pairs", "scan", "train", "evaluate", "probe", "figures", "report")
 #: The file each stage writes last; its presence means the stage finished.
 MARKERS = {
     "pairs": "pairs/summary.json",
     "scan": "scan/scan.json",
     "train": "train/train.json",
     "evaluate": "eval/evaluation.json",
+    "probe": "probe/done.json",
     "figures": "figures/figures.json",
     "report": "report.html",
 }
@@ -80,6 +90,10 @@ class PairsConfig:
 
     def __post_init__(self) -> None:
         check_range("pairs.control_fraction", self.control_fraction, 0.0, 0.9, lo_open=True)
+        for name in ("file", "control"):
+            value = getattr(self, name)
+            if isinstance(value, str) and (not value.strip() or "\0" in value):
+                raise TLIError(f"pairs.{name} must be a file path, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +117,7 @@ SECTIONS: dict[str, type] = {
     "scan": ScanConfig,
     "train": TrainConfig,
     "evaluate": EvalConfig,
+    "probe": ProbeConfig,
     "figures": FigureConfig,
 }
 #: Keys set once for the whole run rather than per stage.
@@ -114,6 +129,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     # scan, the training and the evaluation (sec. 3.2, 3.4, 3.5); the layer of highest mean
     # cosine; every hyper-parameter of sec. 3.4 (the section defaults).
     "paper": {"pooling": "mean_all", "scan": {"select_by": "cosine"}},
+    # Chosen by `tli sweep` on the bundled lexicon's own split, 3 seeds (docs/findings.md,
+    # examples/sweep-*.toml): symmetric InfoNCE (temperature 0.05) on final-layer vectors of
+    # the word's own tokens, adapters on the last 4 blocks only (the frozen prefix below them
+    # is cached once), 3 epochs at lr 1e-3.
+    "aligned": {
+        "pooling": "mean",
+        "scan": {"select_by": "cosine"},
+        "train": {
+            "loss": "info_nce",
+            "temperature": 0.05,
+            "loss_layers": ["final"],
+            "adapt_layers": "last:4",
+            "lr": 1e-3,
+            "epochs": 3,
+            "warmup_steps": 10,
+        },
+    },
 }
 
 
@@ -128,6 +160,7 @@ class RunConfig:
     scan: ScanConfig = field(default_factory=ScanConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     figures: FigureConfig = field(default_factory=FigureConfig)
 
     def to_toml_dict(self) -> dict[str, Any]:
@@ -143,10 +176,10 @@ class RunConfig:
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for key, value in extra.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
             out.setdefault(key, {}).update(value)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, dict) else value
     return out
 
 
@@ -160,7 +193,7 @@ def resolve_config(*layers: dict[str, Any], where: str = "config") -> RunConfig:
     for layer in layers:
         merged = _merge(merged, layer)
     preset = merged.pop("preset", "paper")
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise TLIError(f"{where}: unknown preset {preset!r}; known: {', '.join(PRESETS)}")
     merged = _merge(_merge({}, PRESETS[preset]), merged)
     pooling = merged.pop("pooling", "mean_all")
@@ -206,8 +239,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TLIError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TLIError(f"{path}: cannot read: {err}") from None
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
     try:
         return _toml_loads(text)
     except Exception as err:  # tomllib.TOMLDecodeError
@@ -236,8 +271,10 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise TLIError(f"--set {item!r}: expected section.key=value")
         if len(parts) == 1:
             out[parts[0]] = value
+        elif not isinstance(out.setdefault(parts[0], {}), dict):
+            raise TLIError(f"--set {item!r}: {parts[0]} was set to a value, not a table, before")
         else:
-            out.setdefault(parts[0], {})[parts[1]] = value
+            out[parts[0]][parts[1]] = value
     return out
 
 
@@ -254,6 +291,8 @@ def to_toml(cfg: RunConfig) -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    if not 0 < pid < 2**31:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -263,20 +302,62 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def _lock_mutex(run_dir: Path) -> Iterator[None]:
+    """Serialise lock checks between tli processes on this host (flock on the directory).
+
+    Without it two processes could both find the same stale lock and both take it over.
+    Where ``fcntl`` is missing (Windows) the check runs unserialised.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
 def acquire_lock(run_dir: Path) -> Path:
-    """Take ``run.lock``; refuse if a live process holds it; take over a stale one."""
+    """Take ``run.lock``; refuse if a live process holds it; take over a stale one.
+
+    The lock file is created whole (written to a temporary name, then hard-linked into place,
+    which fails if the lock exists), so a reader never sees an empty lock.
+    """
     lock = run_dir / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    with _lock_mutex(run_dir):
+        for _ in range(2):
+            tmp = run_dir / f".{LOCK}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(me))
+            try:
+                os.link(tmp, lock)
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: exclusive create, then write
+                try:
+                    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    pass
+                else:
+                    with os.fdopen(fd, "w") as handle:
+                        json.dump(me, handle)
+                    return lock
+            else:
+                return lock
+            finally:
+                tmp.unlink(missing_ok=True)
             try:
                 holder = json.loads(lock.read_text() or "{}")
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):
                 holder = {}
-            pid = int(holder.get("pid", 0) or 0)
-            same_host = holder.get("host") == socket.gethostname()
+            pid = holder.get("pid") if isinstance(holder, dict) else None
+            pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else 0
+            same_host = isinstance(holder, dict) and holder.get("host") == socket.gethostname()
             if pid and same_host and _pid_alive(pid):
                 raise TLIError(
                     f"{run_dir}: another tli run (pid {pid}) is using this directory; "
@@ -284,11 +365,17 @@ def acquire_lock(run_dir: Path) -> Path:
                 ) from None
             log.warning("%s: taking over a stale lock (pid %s is gone)", run_dir, pid or "?")
             lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as handle:
-            json.dump(me, handle)
-        return lock
     raise TLIError(f"{run_dir}: cannot take the lock {lock}")
+
+
+def release_lock(lock: Path) -> None:
+    """Remove ``lock`` if this process still holds it."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError, RecursionError):
+        return
+    if isinstance(holder, dict) and holder.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
 
 
 def environment(cfg: RunConfig) -> dict[str, Any]:
@@ -348,42 +435,70 @@ def environment(cfg: RunConfig) -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Create the directory, refusing to reuse one unless asked."""
+    """Check that ``run_dir`` can hold this run; create it. Nothing is removed here.
+
+    Emptying a directory for ``--overwrite`` happens in :func:`empty_run_dir`, only once the
+    lock is held, so a second run never deletes the files of a live one.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise TLIError(f"{run_dir}: exists and is not a directory")
     if resume:
         if not (run_dir / "config.toml").is_file():
             raise TLIError(f"{run_dir}: not a tli run directory (no config.toml) to resume")
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise TLIError(
-                f"{run_dir}: exists and is not empty; use --resume to continue it, --overwrite "
-                "to replace it, or another --out"
-            )
-        if not (run_dir / "config.toml").is_file():
-            raise TLIError(f"{run_dir}: not a tli run directory; refusing to overwrite it")
-        import shutil
-
-        for child in run_dir.iterdir():
-            if child.name != LOCK:
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if _has_content(run_dir) and not (run_dir / "config.toml").is_file():
+        raise TLIError(
+            f"{run_dir}: exists, is not empty and is not a tli run directory; "
+            "refusing to write into it" + ("" if not overwrite else " or to overwrite it")
+        )
     ensure_dir(run_dir)
+
+
+def _has_content(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds anything but a lock and tli's own leftovers."""
+    if not run_dir.is_dir():
+        return False
+    return any(c.name != LOCK and not is_leftover(c.name) for c in run_dir.iterdir())
+
+
+def empty_run_dir(run_dir: Path, *, overwrite: bool) -> None:
+    """With the lock held: refuse a finished or started run, or (``overwrite``) empty it."""
+    if not _has_content(run_dir):
+        return
+    if not overwrite:
+        raise TLIError(
+            f"{run_dir}: exists and is not empty; use --resume to continue it, --overwrite "
+            "to replace it, or another --out"
+        )
+    import shutil
+
+    # config.toml goes last: a kill part-way leaves a directory --overwrite still accepts.
+    children = sorted(run_dir.iterdir(), key=lambda c: c.name == "config.toml")
+    for child in children:
+        if child.name != LOCK:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+
+
+def remove_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the temporaries that killed writers left in ``run_dir`` (lock held); return them."""
+    import shutil
+
+    found = [p for p in run_dir.rglob(".*") if is_leftover(p.name)]
+    for path in sorted(found, key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.debug("removed %s, left behind by an interrupted run", path)
+    return found
 
 
 # --- stages -------------------------------------------------------------------------------------
 
 
-def stage_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
-    """Read, split and save the pairs; returns the sets."""
-    from tli.pairs import (
-        check_leakage,
-        load_lexicon,
-        read_pairs,
-        split_pairs,
-        split_sets,
-        write_pairs,
-    )
+def load_sets(cfg: RunConfig) -> tuple[dict[str, list], list[str]]:
+    """The trained and control sets of a run config, and their leakage; nothing is written."""
+    from tli.pairs import check_leakage, load_lexicon, read_pairs, split_pairs, split_sets
 
     pc = cfg.pairs
     keys = {"src_key": pc.src_key, "tgt_key": pc.tgt_key}
@@ -397,11 +512,22 @@ def stage_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
             pairs = split_pairs(pairs, control_fraction=pc.control_fraction, seed=pc.split_seed)
         sets = split_sets(pairs)
     if len(sets["trained"]) < 2 or len(sets["control"]) < 2:
+        where = pc.file or "the bundled lexicon"
+        if pc.control:
+            where = f"{where} and {pc.control}"
         raise TLIError(
-            f"pairs: need at least 2 trained and 2 control pairs, got "
+            f"{where}: need at least 2 trained and 2 control pairs, got "
             f"{len(sets['trained'])} and {len(sets['control'])}"
         )
-    leaks = check_leakage(sets["trained"], sets["control"])
+    return sets, check_leakage(sets["trained"], sets["control"])
+
+
+def stage_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
+    """Read, split and save the pairs; returns the sets."""
+    from tli.pairs import write_pairs
+
+    pc = cfg.pairs
+    sets, leaks = load_sets(cfg)
     folder = ensure_dir(run_dir / "pairs")
     write_pairs(
         [dataclasses.replace(p, split="trained") for p in sets["trained"]]
@@ -455,8 +581,13 @@ class Runner:
             self.record = json.loads((run_dir / "run.json").read_text())
 
     def done(self, stage: str) -> bool:
-        """Whether ``stage`` finished (its marker file exists)."""
-        return (self.run_dir / MARKERS[stage]).is_file()
+        """Whether ``stage`` finished: its marker file exists and run.json records its time.
+
+        A process killed between a stage's marker and its record in run.json re-runs the
+        stage (each is idempotent), so run.json never lacks what later stages read from it.
+        """
+        recorded = "seconds" in self.record.get("stages", {}).get(stage, {})
+        return recorded and (self.run_dir / MARKERS[stage]).is_file()
 
     def full_model(self) -> Any:
         """The full-depth model, loaded on first use and then shared by scan and evaluate."""
@@ -496,13 +627,14 @@ class Runner:
     def _train(self) -> None:
         from tli.models import load_model
         from tli.scan import ScanResult
-        from tli.train import train
+        from tli.train import load_depth, train
 
-        layer, how = choose_layer(self.cfg, ScanResult.load(self.run_dir / "scan"))
+        scan = ScanResult.load(self.run_dir / "scan")
+        layer, how = choose_layer(self.cfg, scan)
         tcfg = dataclasses.replace(self.cfg.train, layer=layer)
         tokenizer = self._full.tokenizer if self._full is not None else None
         loaded = load_model(
-            self.cfg.model, tokenizer=tokenizer, max_layer=None if tcfg.adapt_all_layers else layer
+            self.cfg.model, tokenizer=tokenizer, max_layer=load_depth(tcfg, scan.num_layers)
         )
         resume = (self.run_dir / "train" / "checkpoints" / "latest").is_file()
         train(
@@ -528,6 +660,17 @@ class Runner:
         )
         self.note("evaluate", verdicts=result.verdict_lines())
 
+    def _probe(self) -> None:
+        """Generated text and scored word translation, when ``[probe] enabled = true``."""
+        if self.cfg.probe.enabled:
+            from tli.probe import probe
+
+            result = probe(self.full_model(), self.run_dir / "train" / "final",
+                           read_sets(self.run_dir), self.cfg.probe, self.run_dir / "probe",
+                           score=True)
+            self.note("probe", summary=result.summary_line(), warnings=result.warnings)
+        atomic_write_json(self.run_dir / MARKERS["probe"], {"enabled": self.cfg.probe.enabled})
+
     def _figures(self) -> None:
         from tli.plots import draw_run_figures
 
@@ -542,6 +685,36 @@ class Runner:
         write_report(self.run_dir)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Check a new run's inputs before its directory is created: pairs, model, layer.
+
+    Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
+    way), finds the model's config (no weights) and checks a set training layer against its
+    depth, so bad input fails in seconds with nothing written.
+    """
+    load_sets(cfg)
+    from tli.models import EMBEDDED, load_config
+
+    name = cfg.model.name
+    if name in EMBEDDED or name.lower().endswith(".gguf"):
+        if name not in EMBEDDED and not expand_user(name).is_file():
+            raise TLIError(f"{name}: no such .gguf file")
+        return  # the embedded/GGUF paths de-quantise on first use; the scan does that
+    from tli import surgery
+
+    _, config = load_config(name, trust_remote_code=cfg.model.trust_remote_code)
+    n = surgery.num_layers(config)
+    train = cfg.train
+    needs_target = train.loss_layers is None or "target" in train.loss_layers
+    if train.layer is not None or not needs_target:
+        from tli.train import plan
+
+        try:
+            plan(train, n)
+        except TLIError as err:
+            raise TLIError(f"[train] {err} (model {name!r} has {n} layers)") from None
+
+
 def run_pipeline(
     cfg: RunConfig,
     run_dir: Path,
@@ -550,8 +723,18 @@ def run_pipeline(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Run (or resume) the whole protocol into ``run_dir``; returns it."""
+    """Run (or resume) the whole protocol into ``run_dir``; returns it.
+
+    Order matters for safety: inputs are checked before anything is written; the lock is
+    taken before a directory is emptied (``overwrite``) or continued (``resume``);
+    ``config.toml`` marks a run directory (written first, removed last), and a resume writes
+    a missing ``environment.json``; a stage counts as done only when its marker file exists
+    *and* ``run.json`` records its time, so a kill between the two re-runs the (idempotent)
+    stage.
+    """
     run_dir = Path(run_dir).resolve()
+    if not resume:
+        preflight(cfg)
     prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
     lock = acquire_lock(run_dir)
     try:
@@ -562,12 +745,16 @@ def run_pipeline(
                     f"{run_dir}: --resume continues the saved config.toml; "
                     "give no other config options"
                 )
+            remove_leftovers(run_dir)
+            if not (run_dir / "environment.json").is_file():
+                atomic_write_json(run_dir / "environment.json", environment(cfg))
         else:
+            empty_run_dir(run_dir, overwrite=overwrite)
             atomic_write_text(run_dir / "config.toml", to_toml(cfg))
             atomic_write_json(run_dir / "environment.json", environment(cfg))
         Runner(cfg, run_dir, progress=progress).run()
     finally:
-        lock.unlink(missing_ok=True)
+        release_lock(lock)
     return run_dir
 
 
@@ -613,6 +800,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     if args.resume is not None:
         run_dir = args.resume
+        prepare_run_dir(Path(run_dir), overwrite=False, resume=True)
         cfg = load_run_config(Path(run_dir) / "config.toml")
     else:
         layers: list[dict[str, Any]] = []
@@ -642,12 +830,16 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     pairs = cfg.pairs
     pairs = dataclasses.replace(
         pairs,
-        file=str(Path(pairs.file).expanduser().resolve()) if pairs.file else None,
-        control=str(Path(pairs.control).expanduser().resolve()) if pairs.control else None,
+        file=str(expand_user(pairs.file).resolve()) if pairs.file else None,
+        control=str(expand_user(pairs.control).resolve()) if pairs.control else None,
     )
     model = cfg.model
-    local = Path(model.name).expanduser()
-    if local.exists():
+    local = expand_user(model.name)
+    try:
+        is_local = local.exists()
+    except OSError:  # not a usable path (e.g. too long): models.resolve reports it
+        is_local = False
+    if is_local:
         model = dataclasses.replace(model, name=str(local.resolve()))
     return dataclasses.replace(cfg, pairs=pairs, model=model)
 
@@ -668,7 +860,7 @@ def config_reference() -> str:
             return "(none)"
         if isinstance(value, tuple):
             return ", ".join(map(str, value))
-        return str(value)
+        return str(value).replace("\n", "\\n").replace("|", "\\|")
 
     lines = [
         "# `tli run` configuration",
