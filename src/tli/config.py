@@ -50,7 +50,18 @@ def _converter(tp: Any, name: str):
                 return False
             raise argparse.ArgumentTypeError(f"{text!r} is not a boolean")
         if get_origin(base) is tuple or base is tuple:
-            return tuple(s.strip() for s in text.split(",") if s.strip())
+            items = tuple(s.strip() for s in text.split(",") if s.strip())
+            args = get_args(base)
+            item = args[0] if args else str
+            item, _ = _base_type(item)
+            if item in (int, float):
+                try:
+                    return tuple(item(s) for s in items)
+                except ValueError:
+                    raise argparse.ArgumentTypeError(
+                        f"{text!r} is not a comma-separated list of {item.__name__} values"
+                    ) from None
+            return items
         try:
             return base(text)
         except (TypeError, ValueError):
@@ -104,6 +115,7 @@ def overrides_from_args(cls: type, args: argparse.Namespace) -> dict[str, Any]:
 def build(cls: type[T], *layers: dict[str, Any]) -> T:
     """``cls`` built from its defaults, updated by each mapping in turn (preset, file, CLI)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
@@ -111,11 +123,77 @@ def build(cls: type[T], *layers: dict[str, Any]) -> T:
                 raise TLIError(
                     f"unknown {cls.__name__} key {key!r}; known: {', '.join(sorted(names))}"
                 )
-            values[key] = tuple(value) if isinstance(value, list) else value
+            value = tuple(value) if isinstance(value, list) else value
+            wanted = _type_problem(value, hints[key])
+            if wanted:
+                raise TLIError(f"{key} must be {wanted}, got {_short(value)}")
+            values[key] = value
     try:
         return cls(**values)
     except TypeError as err:
         raise TLIError(f"{cls.__name__}: {err}") from None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(tp: Any) -> str:
+    """A type annotation in words, for error messages."""
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        words = " or ".join(_describe(a) for a in args)
+        return words + (", or none" if type(None) in get_args(tp) else "")
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, get_args(tp)))
+    if origin is tuple:
+        args = get_args(tp)
+        return "a list of values, each " + _describe(args[0]) if args else "a list"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    return words.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _type_problem(value: Any, tp: Any) -> str | None:
+    """None when ``value`` fits the field annotation ``tp``, else what was expected, in words.
+
+    Config files and ``--set`` give values of any TOML type; a value of the wrong type would
+    otherwise fail deep inside a stage (e.g. ``epochs = 1.5`` in ``range``), not as one line.
+    """
+    return None if _fits(value, tp) else _describe(tp)
+
+
+def _fits(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in get_args(tp))
+    if origin is Literal:
+        return any(type(value) is type(c) and value == c for c in get_args(tp))
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False
+        args = get_args(tp)
+        if not args:
+            return True
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(args) == len(value) and all(
+            _fits(v, a) for v, a in zip(value, args, strict=True)
+        )
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # a type this check does not know: the dataclass checks it
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

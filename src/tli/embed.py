@@ -45,6 +45,10 @@ def parse_layers(spec: str | Sequence[int | str], num_layers: int) -> list[int]:
             raise TLIError(
                 f"layer {item!r}: expected an index 0..{num_layers}, a range a-b, 'final' or 'all'"
             ) from None
+        if not span:
+            raise TLIError(
+                f"layer range {item!r} is empty (write it low-high, e.g. 0-{num_layers})"
+            )
         for layer in span:
             if not 0 <= layer <= num_layers:
                 raise TLIError(
@@ -319,8 +323,10 @@ def _read_lines(path: Path) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TLIError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise TLIError(f"{path}: cannot read: {err}") from None
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
     lines = text.splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -329,13 +335,14 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tli.io import atomic_write_safetensors
+    from tli.io import atomic_write_safetensors, check_out_file
     from tli.models import ModelConfig, load_model
 
     texts = list(args.words) + (_read_lines(args.file) if args.file else [])
     _check_texts(texts)
     if args.batch_size < 1:
         raise TLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_out_file(args.out)  # before any model is loaded
     cfg = ModelConfig(
         name=args.model,
         dtype=args.dtype,

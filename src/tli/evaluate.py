@@ -416,10 +416,15 @@ class AdapterInfo:
         """What ``evaluation.json`` records about the adapter."""
         keys = ("base_model_name_or_path", "peft_type", "r", "lora_alpha", "target_modules")
         keys += ("layers_to_transform", "use_dora", "modules_to_save")
+        peft = {k: self.config.get(k) for k in keys if k in self.config}
+        # peft keeps target_modules as a set and writes it in hash order, which differs from
+        # process to process; sorted, the same adapter gives the same evaluation.json.
+        if isinstance(peft.get("target_modules"), list):
+            peft["target_modules"] = sorted(peft["target_modules"], key=str)
         return {
             "dir": str(self.dir),
             "tli": dict(self.meta),
-            "peft": {k: self.config.get(k) for k in keys if k in self.config},
+            "peft": peft,
             "modules": len(self.modules),
         }
 
@@ -490,8 +495,10 @@ def _same_model(recorded: str, loaded: Any) -> bool:
     """Whether a recorded model name denotes the loaded model (same name or same directory)."""
     if recorded in (loaded.name, loaded.path):
         return True
-    mine = [Path(p).expanduser() for p in (loaded.name, loaded.path)]
-    theirs = Path(recorded).expanduser()
+    from tli.io import expand_user
+
+    mine = [expand_user(p) for p in (loaded.name, loaded.path)]
+    theirs = expand_user(recorded)
     if not theirs.exists():
         return False
     return any(p.exists() and p.resolve() == theirs.resolve() for p in mine)
@@ -932,15 +939,21 @@ class EvalResult:
     def load(cls, directory: str | os.PathLike[str]) -> EvalResult:
         """Read an evaluation back from its directory (``evaluation.json`` and ``pairs.csv``)."""
         path = Path(directory)
+        reading = path / JSON_NAME
         try:
-            data = json.loads((path / JSON_NAME).read_text(encoding="utf-8"))
-            rows = list(csv.DictReader(io.StringIO((path / CSV_NAME).read_text(encoding="utf-8"))))
-        except FileNotFoundError as err:
+            data = json.loads(reading.read_text(encoding="utf-8"))
+            reading = path / CSV_NAME
+            rows = list(csv.DictReader(io.StringIO(reading.read_text(encoding="utf-8"))))
+        except FileNotFoundError:
+            raise TLIError(f"{path}: {reading.name} is missing (not an evaluation?)") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error) as err:
+            raise TLIError(f"{reading}: cannot read: {_first_line(err)}") from None
+        columns = {"source", "target", "set", "layer", "pre", "post", "change"}
+        if not rows or not columns <= set(rows[0]):
             raise TLIError(
-                f"{path}: {Path(err.filename).name} is missing (not an evaluation?)"
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
-            raise TLIError(f"{path}: cannot read: {_first_line(err)}") from None
+                f"{reading}: not a tli evaluation table (no rows, or not the columns "
+                f"{', '.join(sorted(columns))})"
+            )
         try:
             if data.get("stage") != "evaluate":
                 raise KeyError("stage")
@@ -997,10 +1010,15 @@ def load_vectors(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
     path = Path(directory) / VECTORS_NAME
     if not path.is_file():
         raise TLIError(f"{path}: no such file")
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = dict(f.metadata() or {})
-    meta["pairs"] = json.loads(meta.get("pairs", "{}"))
+    try:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = dict(f.metadata() or {})
+        meta["pairs"] = json.loads(meta.get("pairs", "{}"))
+    except Exception as err:  # safetensors raises its own error types for every corruption
+        raise TLIError(
+            f"{path}: corrupted or unreadable ({type(err).__name__}: {_first_line(err)})"
+        ) from None
     return tensors, meta
 
 
@@ -1300,7 +1318,11 @@ def read_sets(
     leaks = check_leakage(sets["trained"], sets["control"])
     if leaks:
         log.warning("%d control item(s) overlap the trained set, e.g. %s", len(leaks), leaks[0])
-    checked = check_sets(sets)
+    try:
+        checked = check_sets(sets)
+    except TLIError as err:
+        where = f"{name} and {control}" if control is not None else name
+        raise TLIError(f"{where}: {err}") from None
     if "control" not in checked:
         log.warning("%s has no control set: evaluating the trained set only", name)
     return checked

@@ -18,6 +18,14 @@ from typing import IO, Any
 from tli.errors import TLIError
 
 
+def expand_user(path: Path | str) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded; unchanged when that user is unknown."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # "~nosuchuser/...": no home directory to expand to
+        return Path(path)
+
+
 def ensure_dir(path: Path | str) -> Path:
     """Create a directory (and parents); a clear TLIError if that is impossible."""
     path = Path(path)
@@ -34,21 +42,75 @@ def ensure_dir(path: Path | str) -> Path:
 
 @contextmanager
 def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
+    """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
+
+    The temporary file is named ``.NAME.XXXX.tmp``: a process killed mid-write leaves at most
+    such a file behind, never a half-written ``NAME``. A failure of the file system (no space,
+    a directory in the way, no permission) is a TLIError naming ``path``.
+    """
     path = Path(path)
     ensure_dir(path.parent if str(path.parent) else Path("."))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise TLIError(f"{path}: is a directory, cannot write a file there")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    except OSError as err:
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+            _sync(handle, path)
+        _replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: Suffix of the temporary files of :func:`atomic_open` (see :func:`is_leftover`).
+TMP_SUFFIX = ".tmp"
+
+
+def _sync(handle: IO[Any], path: Path) -> None:
+    try:
+        handle.flush()
+        os.fsync(handle.fileno())
+    except OSError as err:
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+def _replace(tmp: str, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
+
+
+def is_leftover(name: str) -> bool:
+    """Whether a file or folder name is a temporary that a killed tli process left behind.
+
+    Atomic writes go through hidden temporaries: ``.NAME.XXXX.tmp`` files (:func:`atomic_open`,
+    ``tli.pairs.write_pairs``) and ``.NAME.tmp-XXXX`` / ``.NAME.old`` folders (adapters, which
+    are replaced as whole folders). None of them is ever a result.
+    """
+    return name.startswith(".") and (
+        name.endswith(TMP_SUFFIX) or ".tmp-" in name or name.endswith(".old")
+    )
+
+
+def check_out_file(path: Path | str) -> None:
+    """Fail early (before a model is loaded) if a file cannot be written at ``path``."""
+    path = Path(path)
+    if path.is_dir():
+        raise TLIError(f"{path}: is a directory, cannot write a file there")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TLIError(f"{path}: cannot create it: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TLIError(f"{path}: cannot create it: {parent} is not writable")
 
 
 def _umask() -> int:

@@ -30,6 +30,7 @@ import torch
 
 from tli import surgery
 from tli.errors import TLIError
+from tli.io import expand_user
 
 log = logging.getLogger("tli")
 
@@ -111,6 +112,8 @@ class ModelConfig:
             raise TLIError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not str(self.name).strip():
             raise TLIError("model name is empty")
+        if "\0" in str(self.name):
+            raise TLIError(f"model name {self.name!r} holds a NUL character")
 
 
 @dataclass
@@ -160,7 +163,7 @@ def gguf_to_cache(name: str) -> Path:
     The conversion writes into a temporary folder next to the cache entry and renames it into
     place, so an interrupted conversion never leaves a half-written cache.
     """
-    gguf_file = None if name in EMBEDDED else Path(name).expanduser()
+    gguf_file = None if name in EMBEDDED else expand_user(name)
     if gguf_file is not None and not gguf_file.is_file():
         raise TLIError(f"{name}: no such .gguf file")
     target = cache_root() / "models" / _cache_key(name, gguf_file)
@@ -197,8 +200,12 @@ def resolve(name: str) -> str:
     """The directory or hub id that ``from_pretrained`` should read for ``name``."""
     if name in EMBEDDED or name.lower().endswith(".gguf"):
         return str(gguf_to_cache(name))
-    path = Path(name).expanduser()
-    if path.exists():
+    path = expand_user(name)
+    try:
+        exists = path.exists()
+    except OSError as err:  # e.g. a name too long for the file system
+        raise TLIError(f"model {name!r}: {err.strerror or err}") from None
+    if exists:
         if not path.is_dir():
             raise TLIError(f"{name}: not a model directory or .gguf file")
         if not (path / "config.json").is_file():

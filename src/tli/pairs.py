@@ -753,8 +753,14 @@ def _fraction(text: str) -> float:
 def _cmd_split(args: argparse.Namespace) -> int:
     pairs = _read_args(args, args.file)
     split = split_pairs(pairs, control_fraction=args.control_fraction, seed=args.seed)
-    write_pairs(split, args.out, src_key=args.src_key, tgt_key=args.tgt_key)
     sets = split_sets(split)
+    if args.control_fraction > 0 and not sets["control"]:
+        raise TLIError(
+            f"{args.file}: {len(pairs)} pair(s) leave no control pair at --control-fraction "
+            f"{args.control_fraction} (each category holds out round(fraction x its size)); "
+            "give more pairs or a larger fraction"
+        )
+    write_pairs(split, args.out, src_key=args.src_key, tgt_key=args.tgt_key)
     print(
         f"wrote {args.out}: {len(sets['trained'])} trained, {len(sets['control'])} control "
         f"(seed {args.seed}, control fraction {args.control_fraction})"

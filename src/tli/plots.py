@@ -8,8 +8,11 @@ written atomically; matplotlib runs on the Agg backend and every figure is close
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +23,32 @@ if TYPE_CHECKING:
 
 #: Colours of the sets, in order of appearance (trained first).
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
+
+
+@contextmanager
+def _reading(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a damaged or foreign results file into a TLIError naming it.
+
+    Wraps only the reading and unpacking of saved results (never the drawing): a missing
+    key, a wrong type or an unparsable number there means the file is not what tli wrote.
+    """
+    try:
+        yield
+    except TLIError:
+        raise
+    except FileNotFoundError:
+        raise TLIError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TLIError(f"{path}: cannot read: {_first_line(err)}") from None
+    except (KeyError, IndexError, TypeError, ValueError, csv.Error) as err:
+        raise TLIError(
+            f"{path}: not a tli result or damaged ({type(err).__name__}: {_first_line(err)})"
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _pyplot() -> Any:
@@ -217,19 +246,22 @@ def plot_tsne(
     from tli.evaluate import load_vectors
 
     tensors, meta = load_vectors(eval_dir)
-    final = int(meta["final_layer"])
-    pairs = meta["pairs"]
-    sample = tsne_sample(pairs, n_pairs, seed)
     plt = _pyplot()
     written = []
     for when, path in (("pre", before), ("post", after)):
         points, labels, kinds = [], [], []
-        for name, rows in sample.items():
-            src = tensors[f"{name}.{when}.source.layer{final}"][rows]
-            tgt = tensors[f"{name}.{when}.target.layer{final}"][rows]
-            points += [src, tgt]
-            labels += [pairs[name][j][0] for j in rows] + [pairs[name][j][1] for j in rows]
-            kinds += [(name, "source")] * len(rows) + [(name, "target")] * len(rows)
+        with _reading(Path(eval_dir) / "vectors.safetensors"):
+            final = int(meta["final_layer"])
+            pairs = meta["pairs"]
+            sample = tsne_sample(pairs, n_pairs, seed)
+            for name, rows in sample.items():
+                src = tensors[f"{name}.{when}.source.layer{final}"][rows]
+                tgt = tensors[f"{name}.{when}.target.layer{final}"][rows]
+                points += [src, tgt]
+                labels += [pairs[name][j][0] for j in rows] + [pairs[name][j][1] for j in rows]
+                kinds += [(name, "source")] * len(rows) + [(name, "target")] * len(rows)
+            if not points:
+                raise ValueError("no vectors")
         x = np.concatenate([p.numpy() for p in points])
         xy = TSNE(
             n_components=2,
@@ -287,9 +319,18 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
     """Per-layer pair cosine, mismatched baseline and P@1, before and after, for each set."""
     import json
 
-    data = json.loads((Path(eval_dir) / "evaluation.json").read_text())
-    layers = data["layers"]
-    names = list(data["sets"])
+    source = Path(eval_dir) / "evaluation.json"
+    with _reading(source):
+        data = json.loads(source.read_text(encoding="utf-8"))
+        layers = [int(x) for x in data["layers"]]
+        names = list(data["sets"])
+        for name in names:
+            for when in ("pre", "post"):
+                for key in ("pair_mean", "baseline", "p_at_1_s2t_nn"):
+                    if len(data["sets"][name][when][key]) != len(layers):
+                        raise ValueError(f"{name}.{when}.{key} does not have one value per layer")
+        if not names:
+            raise ValueError("no sets")
     plt = _pyplot()
     fig, axes = plt.subplots(
         2, len(names), figsize=(5.5 * len(names), 7), squeeze=False, sharex=True
@@ -343,15 +384,16 @@ def mismatched_change(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
     from tli.evaluate import load_vectors
 
     tensors, meta = load_vectors(eval_dir)
-    final = int(meta["final_layer"])
     out = {}
-    for name in meta["pairs"]:
-        cos = {}
-        for when in ("pre", "post"):
-            src = tensors[f"{name}.{when}.source.layer{final}"]
-            tgt = torch.roll(tensors[f"{name}.{when}.target.layer{final}"], 1, dims=0)
-            cos[when] = torch.nn.functional.cosine_similarity(src, tgt, dim=-1)
-        out[name] = (cos["post"] - cos["pre"]).numpy()
+    with _reading(Path(eval_dir) / "vectors.safetensors"):
+        final = int(meta["final_layer"])
+        for name in meta["pairs"]:
+            cos = {}
+            for when in ("pre", "post"):
+                src = tensors[f"{name}.{when}.source.layer{final}"]
+                tgt = torch.roll(tensors[f"{name}.{when}.target.layer{final}"], 1, dims=0)
+                cos[when] = torch.nn.functional.cosine_similarity(src, tgt, dim=-1)
+            out[name] = (cos["post"] - cos["pre"]).numpy()
     return out
 
 
@@ -360,17 +402,19 @@ def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathL
 
     If mismatched pairs move as much as translation pairs, the gain is collapse, not alignment.
     """
-    import csv
-
     import numpy as np
 
-    with (Path(eval_dir) / "pairs.csv").open(encoding="utf-8", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    final = max(int(r["layer"]) for r in rows)
-    changes: dict[str, list[float]] = {}
-    for r in rows:
-        if int(r["layer"]) == final:
-            changes.setdefault(r["set"], []).append(float(r["change"]))
+    source = Path(eval_dir) / "pairs.csv"
+    with _reading(source):
+        with source.open(encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ValueError("no rows")
+        final = max(int(r["layer"]) for r in rows)
+        changes: dict[str, list[float]] = {}
+        for r in rows:
+            if int(r["layer"]) == final:
+                changes.setdefault(r["set"], []).append(float(r["change"]))
     mismatched = np.concatenate(list(mismatched_change(eval_dir).values()))
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -416,16 +460,23 @@ def draw_run_figures(
     run_dir: str | os.PathLike[str], *, n_pairs: int = 40, seed: int = 0
 ) -> list[Path]:
     """Draw every figure of a run directory into ``figures/`` from its saved results."""
+    from tli.evaluate import EvalResult
     from tli.io import ensure_dir
     from tli.scan import ScanResult
 
     root = Path(run_dir)
+    eval_dir = root / "eval"
+    has_eval = (eval_dir / "evaluation.json").is_file()
+    # Read every input before drawing anything: damaged results fail in a second, as one line.
+    scan = ScanResult.load(root / "scan") if (root / "scan" / "scan.json").is_file() else None
+    if has_eval:
+        EvalResult.load(eval_dir)
+        mismatched_change(eval_dir)
     out = ensure_dir(root / "figures")
     written = []
-    if (root / "scan" / "scan.json").is_file():
-        written.append(plot_scan(ScanResult.load(root / "scan"), out / "scan.png"))
-    eval_dir = root / "eval"
-    if (eval_dir / "evaluation.json").is_file():
+    if scan is not None:
+        written.append(plot_scan(scan, out / "scan.png"))
+    if has_eval:
         written += plot_tsne(
             eval_dir, out / "tsne_pre.png", out / "tsne_post.png", n_pairs=n_pairs, seed=seed
         )
@@ -475,9 +526,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Redraw every figure from the saved results in DIR (no model is loaded): "
         "scan.png from scan.json.",
     )
-    from tli.scan import _one_line_error
-
-    p.error = _one_line_error  # type: ignore[method-assign]  # one line, exit 2
     p.add_argument("directory", type=Path, metavar="DIR", help="a scan or run directory")
     p.set_defaults(func=_run)
 

@@ -593,12 +593,6 @@ def _center_language(by_set: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # --- command line ---------------------------------------------------------------------------
 
 
-def _one_line_error(message: str) -> None:
-    """Report argparse's errors as one ``tli: error:`` line with exit code 2."""
-    print(f"tli: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tli scan``."""
     from tli.config import add_dataclass_arguments
@@ -613,7 +607,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "MRR (NN and CSLS, both directions), choose a layer and write scan.csv, scan.json "
         "and scan.png to --out.",
     )
-    p.error = _one_line_error  # type: ignore[method-assign]
     p.add_argument("--model", default="gemma-3-270m", help="model name, .gguf, dir or hub id")
     p.add_argument(
         "--pairs",
@@ -673,7 +666,10 @@ def _read_sets(args: argparse.Namespace) -> dict[str, list[Any]]:
                 len(leaks),
                 leaks[0],
             )
-    checked = check_sets(sets)
+    try:
+        checked = check_sets(sets)
+    except TLIError as err:
+        raise TLIError(f"{name}: {err}") from None
     if "control" not in checked:
         log.info("%s has no control split: scanning the trained set only", name)
     return checked
