@@ -32,7 +32,9 @@ def test_start_at_block_gives_the_full_pass(model_type, padding_side):
     tok = tiny_tokenizer(padding_side)
     enc = tokenize(tok, WORDS)
     with torch.no_grad():
-        full = hidden_states(model, enc["input_ids"], enc["attention_mask"], [2, 3, 4], num_layers=4)
+        full = hidden_states(
+            model, enc["input_ids"], enc["attention_mask"], [2, 3, 4], num_layers=4
+        )
         cache = PrefixCache.build(model, tok, WORDS, 2, num_layers=4)
         with surgery.start_at_block(model, 2, cache.batch(WORDS, enc)):
             resumed = hidden_states(

@@ -222,6 +222,16 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path, 
         ({"loss": "nope"}, "unknown loss"),
         ({"pooling": "max"}, "pooling must be one of"),
         ({"lora_dropout": 1.5}, "lora_dropout must be <="),
+        ({"loss_layers": ("top",)}, "loss_layers: 'top' is not"),
+        ({"loss_layers": (0,)}, "loss_layers: layer 0 has no block"),
+        ({"loss_layers": ("final", "final")}, "loss_layers lists a layer twice"),
+        ({"loss_weights": (1.0, 2.0)}, "loss_weights has 2 value"),
+        ({"loss_layers": ("target", "final"), "loss_weights": (0.0, 0.0)}, "positive sum"),
+        ({"center": "sideways"}, "center must be"),
+        ({"uniformity_weight": -1.0}, "uniformity_weight must be >="),
+        ({"adapt_layers": "3-x"}, "adapt_layers: '3-x'"),
+        ({"adapt_layers": "0-1", "adapt_all_layers": True}, "set one of them"),
+        ({"prefix_cache": "maybe"}, "prefix_cache must be"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, needle):
@@ -257,21 +267,166 @@ def test_two_processes_with_global_negatives_match_one_process(tiny_model_dir, t
     from tli.pairs import write_pairs
 
     write_pairs(PAIRS, tmp_path / "pairs.tsv")
-    common = ["--model", str(tiny_model_dir), "--pairs", str(tmp_path / "pairs.tsv"),
-              "--layer", "2", "--epochs", "2", "--lr", "5e-3", "--warmup-steps", "2",
-              "--lora-dropout", "0", "--save-every", "0"]
+    common = [
+        "--model",
+        str(tiny_model_dir),
+        "--pairs",
+        str(tmp_path / "pairs.tsv"),
+        "--layer",
+        "2",
+        "--epochs",
+        "2",
+        "--lr",
+        "5e-3",
+        "--warmup-steps",
+        "2",
+        "--lora-dropout",
+        "0",
+        "--save-every",
+        "0",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-              "--dynamo_backend", "no", "-m", "tli", "train"]
-    proc = subprocess.run(launch + common + ["--batch-size", "3", "--out", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "tli",
+        "train",
+    ]
+    proc = subprocess.run(
+        launch + common + ["--batch-size", "3", "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads((tmp_path / "two" / "train.json").read_text())
     assert info["processes"] == 2
-    one = subprocess.run([sys.executable, "-m", "tli", "train", *common, "--batch-size", "6",
-                          "--out", str(tmp_path / "one")], env=env, capture_output=True,
-                         text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tli",
+            "train",
+            *common,
+            "--batch-size",
+            "6",
+            "--out",
+            str(tmp_path / "one"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    assert_same_adapter(adapter(tmp_path / "one" / "final"), adapter(tmp_path / "two" / "final"),
-                        1e-4)
+    assert_same_adapter(
+        adapter(tmp_path / "one" / "final"), adapter(tmp_path / "two" / "final"), 1e-4
+    )
+
+
+def test_plan_resolves_layers_and_adapters():
+    from tli.train import plan
+
+    paper = plan(TrainConfig(layer=2), 4)
+    assert paper.loss_layers == (2,) and paper.adapt == (0, 1) and paper.load_depth == 2
+    both = plan(TrainConfig(layer=2, loss_layers="target,final"), 4)
+    assert both.loss_layers == (2, 4) and both.loss_weights == (0.5, 0.5)
+    assert both.adapt == (0, 1, 2, 3) and both.load_depth is None
+    upper = plan(TrainConfig(loss_layers=("final",), adapt_layers="2,3"), 4)
+    assert upper.first_adapted == 2 and upper.load_depth is None
+    assert plan(TrainConfig(loss_layers=("final",), adapt_layers="last:2"), 4).adapt == (2, 3)
+    assert plan(TrainConfig(loss_layers=(3,), adapt_layers="0-2"), 4).load_depth == 3
+    with pytest.raises(TLIError, match="adapt_layers: block 2 is at or above"):
+        plan(TrainConfig(layer=2, adapt_layers="1-3"), 4)
+    with pytest.raises(TLIError, match="layer 2 has no adapted block below it"):
+        plan(TrainConfig(layer=2, loss_layers="target,final", adapt_layers="2-3"), 4)
+    with pytest.raises(TLIError, match="loss_layers: layer 7 is outside"):
+        plan(TrainConfig(loss_layers=(7,)), 4)
+    with pytest.raises(TLIError, match="adapt_layers: block 9 is outside"):
+        plan(TrainConfig(loss_layers=("final",), adapt_layers="9"), 4)
+    with pytest.raises(TLIError, match="target layer is not set"):
+        plan(TrainConfig(loss_layers=("target",)), 4)
+
+
+def test_two_loss_layers_train_all_blocks_below_the_deepest(tiny_model_dir, tmp_path):
+    loaded = load_model(ModelConfig(str(tiny_model_dir)))
+    cfg = TrainConfig(
+        layer=2,
+        loss_layers="target,final",
+        loss="info_nce",
+        center="batch",
+        uniformity_weight=0.1,
+        **FAST,
+    )
+    train(loaded, PAIRS, cfg, tmp_path / "run", progress=False)
+    weights = adapter(tmp_path / "run" / "final")
+    assert all(any(f".layers.{i}." in k for k in weights) for i in range(4))
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    meta = json.loads((tmp_path / "run" / "final" / "tli_adapter.json").read_text())
+    assert meta["layer"] == 4 and meta["loss_layers"] == [2, 4] and meta["target_layer"] == 2
+    with pytest.raises(TLIError, match="the final layer needs 4"):
+        train(
+            load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+            PAIRS,
+            cfg,
+            tmp_path / "cut",
+            progress=False,
+        )
+
+
+def test_running_centre_resumes_exactly(tiny_model_dir, tmp_path):
+    cfg = TrainConfig(
+        layer=2,
+        loss="info_nce",
+        center="running",
+        epochs=2,
+        batch_size=4,
+        warmup_steps=2,
+        lr=5e-3,
+        save_every=2,
+    )
+    train(
+        load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+        PAIRS,
+        cfg,
+        tmp_path / "a",
+        progress=False,
+    )
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(
+            load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+            PAIRS,
+            cfg,
+            tmp_path / "b",
+            on_step=kill_at_5,
+            progress=False,
+        )
+    train(
+        load_model(ModelConfig(str(tiny_model_dir)), max_layer=2),
+        PAIRS,
+        cfg,
+        tmp_path / "b",
+        resume=True,
+        progress=False,
+    )
+    assert_same_adapter(adapter(tmp_path / "a" / "final"), adapter(tmp_path / "b" / "final"), 0)

@@ -146,7 +146,7 @@ class TrainConfig:
     adapt_layers: str | None = field(
         default=None,
         metadata={
-            "help": "blocks that get adapters (0-based), e.g. 0-5 or 2,4,6-8 or all "
+            "help": "blocks that get adapters (0-based), e.g. 0-5, 2,4,6-8, last:4 or all "
             "(default: every block below the deepest loss layer). tli"
         },
     )
@@ -214,7 +214,9 @@ class TrainConfig:
 
 def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
     """Loss layers as ints, 'target' and 'final'; a TLIError naming the field otherwise."""
-    if isinstance(items, (str, int)):
+    if isinstance(items, str):
+        items = items.split(",")
+    elif isinstance(items, int):
         items = [items]
     out: list[int | str] = []
     for item in items:
@@ -229,9 +231,7 @@ def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
                 f"loss_layers: {item!r} is not a layer index, 'target' or 'final'"
             ) from None
         if layer < 1:
-            raise TLIError(
-                f"loss_layers: layer {layer} has no block below it to adapt (use 1..N)"
-            )
+            raise TLIError(f"loss_layers: layer {layer} has no block below it to adapt (use 1..N)")
         out.append(layer)
     if not out:
         raise TLIError("loss_layers is empty")
@@ -241,13 +241,24 @@ def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
 
 
 def parse_blocks(spec: str, num_layers: int | None) -> tuple[int, ...] | None:
-    """Block indices (0-based) from ``"0-5"``, ``"2,4,6-8"`` or ``"all"`` (None: every block).
+    """Block indices (0-based) from ``"0-5"``, ``"2,4,6-8"``, ``"last:4"`` or ``"all"``.
 
-    ``num_layers`` (N) bounds them to 0..N-1; None checks the syntax only.
+    ``"last:4"`` is the last 4 blocks; ``"all"`` gives None (every block). ``num_layers`` (N)
+    bounds them to 0..N-1; None checks the syntax only.
     """
     text = str(spec).strip().lower()
     if text == "all":
         return None
+    if text.startswith("last:"):
+        try:
+            count = int(text[5:])
+        except ValueError:
+            raise TLIError(f"adapt_layers: {spec!r}: expected last:K, K a block count") from None
+        if count < 1 or (num_layers is not None and count > num_layers):
+            raise TLIError(f"adapt_layers: {spec!r}: K must be in 1..{num_layers or 'N'}")
+        if num_layers is None:
+            return tuple(range(count))  # syntax check only
+        return tuple(range(num_layers - count, num_layers))
     blocks: list[int] = []
     for item in text.split(","):
         item = item.strip()
@@ -327,7 +338,7 @@ def plan(cfg: TrainConfig, num_layers: int) -> TrainPlan:
     if cfg.adapt_all_layers:
         adapt: tuple[int, ...] | None = None
     elif cfg.adapt_layers is not None:
-        adapt = parse_blocks(cfg.adapt_layers, n)
+        adapt = parse_blocks(cfg.adapt_layers, n) or tuple(range(n))
         if adapt is not None:
             above = [b for b in adapt if b >= deepest]
             if above:
@@ -549,6 +560,7 @@ def train(
     model_config: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
+    prefix_cache_store: dict | None = None,
 ) -> TrainResult:
     """Train LoRA adapters on ``pairs`` with ``cfg``; write everything under ``out_dir``.
 
@@ -563,6 +575,8 @@ def train(
         on_step: called with the global step after each optimiser step (tests use it to
             simulate an interruption).
         progress: show a progress bar.
+        prefix_cache_store: a dict shared by several runs on the same base model (e.g. the
+            cells of a sweep), so the frozen-prefix cache of a (K, word list) is built once.
     """
     from accelerate import Accelerator
     from peft import get_peft_model, set_peft_model_state_dict
@@ -571,7 +585,30 @@ def train(
     from transformers import get_linear_schedule_with_warmup
 
     the_plan = plan(cfg, loaded.num_layers)
+    if cfg.prefix_cache == "on":
+        surgery.check_prefix_cache(loaded.model)
+        if the_plan.first_adapted < 1:
+            raise TLIError(
+                "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
+                "block 0 is adapted"
+            )
     needed = the_plan.load_depth or loaded.num_layers
+    if loaded.depth < needed and model_config is not None:
+        # A caller that loaded by the old rule (max_layer = layer) for a loss deeper than the
+        # target layer: load the depth this plan needs from the recorded model settings.
+        from tli.config import build as build_config
+
+        log.info(
+            "loading %s with %s blocks for loss layers %s",
+            loaded.name,
+            the_plan.load_depth or "all",
+            list(the_plan.loss_layers),
+        )
+        loaded = models.load_model(
+            build_config(models.ModelConfig, model_config),
+            max_layer=the_plan.load_depth,
+            tokenizer=loaded.tokenizer,
+        )
     if loaded.depth < needed:
         what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
         raise TLIError(
@@ -628,7 +665,9 @@ def train(
     n_trainable = sum(p.numel() for p in trainable)
 
     tok = loaded.tokenizer
-    cache = _prefix_cache(model, tok, pairs, cfg, the_plan, loaded.num_layers)
+    cache_start = time.perf_counter()
+    cache = _prefix_cache(model, tok, pairs, cfg, the_plan, loaded.num_layers, prefix_cache_store)
+    cache_seconds = time.perf_counter() - cache_start
     running: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(the_plan.loss_layers)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
@@ -770,6 +809,14 @@ def train(
                 "processes": world,
                 "seconds": round(seconds, 3),
                 "steps_per_second": round(step / seconds, 3) if seconds > 0 else None,
+                # building the frozen-prefix cache (before the steps; not in "seconds")
+                "prefix_cache": None
+                if cache is None
+                else {
+                    "first_block": cache.k,
+                    "strings": len(cache.states),
+                    "seconds": round(cache_seconds, 3),
+                },
                 "final_loss": rows[-1]["loss"] if rows else None,
                 "adapter": "final",
             },
@@ -785,26 +832,25 @@ def _prefix_cache(
     cfg: TrainConfig,
     the_plan: TrainPlan,
     num_layers: int,
+    store: dict | None = None,
 ) -> Any:
     """The frozen-prefix cache for this run, or None (see :mod:`tli.cache`)."""
     k = the_plan.first_adapted
     if cfg.prefix_cache == "off":
         return None
     supported = surgery.layout(model).prefix_cache
-    if cfg.prefix_cache == "on":
-        surgery.check_prefix_cache(model)
-        if k < 1:
-            raise TLIError(
-                "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
-                "block 0 is adapted"
-            )
     if k < 1 or not supported:
         return None
     from tli.cache import PrefixCache
 
     start = time.perf_counter()
     texts = [s for p in pairs for s in (p.source, p.target)]
+    key = (k, str(next(model.parameters()).dtype), tuple(sorted(set(texts))))
+    if store is not None and key in store:
+        return store[key]
     cache = PrefixCache.build(model, tok, texts, k, num_layers=num_layers)
+    if store is not None:
+        store[key] = cache
     log.info(
         "prefix cache: states entering block %d for %d strings (%.1f MB) in %.1f s",
         k,

@@ -1,0 +1,122 @@
+import csv
+import json
+
+import pytest
+
+from tli.errors import TLIError
+from tli.pairs import Pair, write_pairs
+from tli.sweep import mean_ci, parse_grid, read_grid, run_sweep
+
+WORDS = [
+    ("mtoto", "child"),
+    ("kitabu", "book"),
+    ("maji", "water"),
+    ("nyumba", "house"),
+    ("mbwa", "dog"),
+    ("paka", "cat"),
+    ("chakula", "food"),
+    ("mti", "tree"),
+    ("jua", "sun"),
+    ("mwezi", "moon"),
+    ("bahari", "sea"),
+    ("mkate", "bread"),
+]
+
+
+def _grid(tmp_path, model_dir, extra=""):
+    pairs = [Pair(s, t, split="trained") for s, t in WORDS[:8]]
+    pairs += [Pair(s, t, split="control") for s, t in WORDS[8:]]
+    write_pairs(pairs, tmp_path / "pairs.tsv")
+    path = tmp_path / "grid.toml"
+    path.write_text(
+        f"""
+[sweep]
+model = "{model_dir}"
+pairs = "{tmp_path / "pairs.tsv"}"
+n_boot = 50
+{extra}
+
+[train]
+layer = 2
+epochs = 1
+batch_size = 4
+warmup_steps = 1
+lr = 5e-3
+
+[objectives.triplet]
+loss = "triplet_hardest"
+
+[objectives.nce_centred]
+loss = "info_nce"
+center = "batch"
+uniformity_weight = 0.1
+
+[grid]
+objective = ["triplet", "nce_centred"]
+loss_layers = ["target", "final"]
+seed = [0, 1]
+"""
+    )
+    return path
+
+
+def test_sweep_writes_outputs_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    grid = read_grid(_grid(tmp_path, tiny_model_dir))
+    assert len(grid.cells) == 8
+    cell = grid.cells[0]
+    assert cell.train.loss == "triplet_hardest" and cell.train.loss_layers == ("target",)
+    out = tmp_path / "sweep"
+    records = run_sweep(grid, out)
+    assert len(records) == 8
+    for name in ("sweep.csv", "sweep.md", "heatmap.png", "base.json", "sweep.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    assert len(rows) == 8 and {"objective", "loss_layers", "seed", "post_margin_lo"} <= set(rows[0])
+    md = (out / "sweep.md").read_text()
+    assert md.count("\n| ") == 1 + 4  # header + one row per objective x loss_layers
+    base = json.loads((out / "base.json").read_text())
+    assert all(float(r["pre_p_at_1_s2t_nn"]) == base["p_at_1_s2t_nn"] for r in rows)
+    # A re-run trains nothing: every cell is done.
+    import tli.train
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished cell was trained again")
+
+    monkeypatch.setattr(tli.train, "train", boom)
+    assert len(run_sweep(grid, out)) == 8
+    # Removing one cell's record re-runs that cell only (from its finished training).
+    (out / "cells" / cell.name / "cell.json").unlink()
+    assert len(run_sweep(grid, out)) == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ({"grid": {}}, r"\[grid\] is empty"),
+        ({"grid": {"nope": [1]}}, "unknown axis 'nope'"),
+        ({"grid": {"objective": ["x"]}}, r"no \[objectives.x\] table"),
+        ({"grid": {"seed": [0]}, "train": {"pooling": "mean"}}, "set it once"),
+        ({"grid": {"center": ["sideways"]}}, "center must be"),
+        ({"grid": {"seed": [0]}, "sweep": {"metric": "x"}}, "metric must be"),
+        ({"grid": {"seed": [0]}, "extra": {}}, "unknown table"),
+    ],
+)
+def test_grid_errors_name_the_key(text, needle):
+    with pytest.raises(TLIError, match=needle):
+        parse_grid(text)
+
+
+def test_mean_ci():
+    assert mean_ci([0.5]) == (0.5, 0.5, 0.5)
+    mean, lo, hi = mean_ci([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2) and lo < 0.2 < hi
+
+
+@pytest.mark.slow
+def test_parallel_sweep_matches_sequential(tiny_model_dir, tmp_path):
+    grid = read_grid(_grid(tmp_path, tiny_model_dir))
+    grid.cells[:] = grid.cells[:2]
+    one = run_sweep(grid, tmp_path / "one")
+    two = run_sweep(grid, tmp_path / "two", jobs=2)
+    for a, b in zip(one, two, strict=True):
+        assert a["post"]["margin"] == pytest.approx(b["post"]["margin"], abs=1e-5)
