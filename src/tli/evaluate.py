@@ -46,6 +46,8 @@ import torch
 from tli.config import check_range
 from tli.embed import POOLINGS, Pooling
 from tli.errors import TLIError
+from tli.io import read_json
+from tli.pairs import add_pair_arguments, check_sets, gold_mask, read_sets
 from tli.verdict import VERDICTS, Verdict, VerdictFigures, decide
 
 log = logging.getLogger("tli")
@@ -458,8 +460,8 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
                 f"adapter {path}: {name} is missing (not a peft adapter directory; a missing "
                 "adapter is never evaluated as the base model)"
             )
-    config = _read_json(path / ADAPTER_CONFIG)
-    meta = _read_json(path / ADAPTER_META) if (path / ADAPTER_META).is_file() else {}
+    config = read_json(path / ADAPTER_CONFIG)
+    meta = read_json(path / ADAPTER_META) if (path / ADAPTER_META).is_file() else {}
     try:
         weights = load_file(path / ADAPTER_WEIGHTS)
     except Exception as err:  # safetensors raises its own error types for every corruption
@@ -474,16 +476,6 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
             raise TLIError(f"adapter {path}: weight {name} holds NaN or infinity")
     shapes = {name.removeprefix(_PEFT_PREFIX): tuple(t.shape) for name, t in weights.items()}
     return AdapterInfo(path, config, meta, shapes)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise TLIError(f"{path}: cannot read: {_first_line(err)}") from None
-    if not isinstance(data, dict):
-        raise TLIError(f"{path}: expected a JSON object")
-    return data
 
 
 def _first_line(err: BaseException) -> str:
@@ -1050,28 +1042,6 @@ def _md(text: str) -> str:
 # --- the stage --------------------------------------------------------------------------------
 
 
-def check_sets(sets: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
-    """The non-empty sets; each needs at least 2 pairs (a baseline needs mismatched pairs)."""
-    out = {name: list(pairs) for name, pairs in sets.items() if pairs}
-    for name, pairs in out.items():
-        if len(pairs) < 2:
-            raise TLIError(
-                f"set {name!r} has {len(pairs)} pair; the evaluation needs at least 2 per set "
-                "(the baseline is made of mismatched pairs; the t-test needs 2)"
-            )
-    if not out:
-        raise TLIError("nothing to evaluate: every set is empty")
-    return out
-
-
-def _gold(pairs: Sequence[Any]) -> torch.Tensor:
-    from tli.metrics import gold_mask_from_keys
-    from tli.pairs import gold_keys
-
-    gold = gold_keys(pairs)
-    return gold_mask_from_keys(gold.accept, gold.candidates)  # (B, B)
-
-
 def _training_pair_warnings(info: AdapterInfo, sets: Mapping[str, Sequence[Any]]) -> list[str]:
     """Doubts about the sets, from the training directory's ``pairs.tsv`` when there is one."""
     path = info.dir.parent / "pairs.tsv"
@@ -1134,7 +1104,7 @@ def evaluate(
 
     cfg = cfg or EvalConfig()
     start = time.perf_counter()
-    sets = check_sets(sets)
+    sets = check_sets(sets, "the evaluation")
     info = read_adapter(adapter_dir)
     if base.truncated:
         raise TLIError(
@@ -1205,7 +1175,7 @@ def evaluate(
         tgt_idx = [where[p.target] for p in pairs]
         pre = (pre_vectors[:, src_idx], pre_vectors[:, tgt_idx])  # (L, B, D) each
         post = (post_vectors[:, src_idx], post_vectors[:, tgt_idx])
-        figures[name], pre_cos, post_cos = compare(pre, post, _gold(pairs), cfg)
+        figures[name], pre_cos, post_cos = compare(pre, post, gold_mask(pairs), cfg)
         cosines[name] = {"pre": pre_cos, "post": post_cos}
         chosen[name] = examples(pre_cos[-1], post_cos[-1], cfg.n_examples, cfg.seed)
         for state, (s, t) in (("pre", pre), ("post", post)):
@@ -1277,15 +1247,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="base model: embedded name, .gguf, directory or hub id (default: the model the "
         "adapter records)",
     )
-    p.add_argument(
-        "--pairs",
-        type=Path,
-        help="trained pair file; a split column, if any, gives both sets (default: the bundled "
-        "lexicon and its split)",
-    )
-    p.add_argument("--control", type=Path, help="control pair file (all its pairs)")
-    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
-    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
+    add_pair_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
     )
@@ -1294,53 +1256,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
-def read_sets(
-    pairs: Path | None,
-    control: Path | None,
-    *,
-    src_key: str = "swahili",
-    tgt_key: str = "english",
-) -> dict[str, list[Any]]:
-    """The trained and control sets from the command line's files (see ``tli evaluate -h``)."""
-    from tli.pairs import check_leakage, load_lexicon, read_pairs, split_sets
-
-    if pairs is None:
-        found, name = load_lexicon(), "the bundled lexicon"
-    else:
-        found, name = read_pairs(pairs, src_key=src_key, tgt_key=tgt_key), str(pairs)
-    sets = split_sets(found)
-    if control is not None:
-        if sets["control"]:
-            raise TLIError(
-                f"{name} has its own control split and --control was given: use one or the other"
-            )
-        sets["control"] = read_pairs(control, src_key=src_key, tgt_key=tgt_key)
-    leaks = check_leakage(sets["trained"], sets["control"])
-    if leaks:
-        log.warning("%d control item(s) overlap the trained set, e.g. %s", len(leaks), leaks[0])
-    try:
-        checked = check_sets(sets)
-    except TLIError as err:
-        where = f"{name} and {control}" if control is not None else name
-        raise TLIError(f"{where}: {err}") from None
-    if "control" not in checked:
-        log.warning("%s has no control set: evaluating the trained set only", name)
-    return checked
-
-
 def _run(args: argparse.Namespace) -> int:
     from tli.config import build, overrides_from_args
+    from tli.io import ensure_writable_dir
     from tli.models import ModelConfig, load_model
-    from tli.scan import check_out_dir
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
-    check_out_dir(args.out)
+    ensure_writable_dir(args.out)
     info = read_adapter(args.adapter)  # before any model is loaded: fail fast
     model_name = args.model or info.base_model
     if not model_name:
         raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
     model_cfg = build(ModelConfig, {**overrides_from_args(ModelConfig, args), "name": model_name})
-    sets = read_sets(args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key)
+    sets = read_sets(
+        args.pairs,
+        args.control,
+        src_key=args.src_key,
+        tgt_key=args.tgt_key,
+        stage="the evaluation",
+    )
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start
@@ -1371,7 +1305,6 @@ __all__ = [
     "margin_rows",
     "paired_margin_bootstrap",
     "read_adapter",
-    "read_sets",
     "resample_indices",
     "top1_hits",
     "verdict_figures",

@@ -153,3 +153,36 @@ def atomic_write_safetensors(
     from safetensors.torch import save
 
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def ensure_writable_dir(path: Path | str) -> None:
+    """Fail early (before any model is loaded) if ``path`` cannot become an output directory."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise TLIError(f"{path}: exists and is not a directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise TLIError(f"{path}: directory is not writable")
+        return
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TLIError(f"{path}: cannot create directory: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TLIError(f"{path}: cannot create directory: {parent} is not writable")
+
+
+def read_json(path: Path | str) -> dict[str, Any]:
+    """A JSON object from ``path``; a one-line TLIError naming the file when it is not one."""
+    import json as _json
+
+    path = Path(path)
+    try:
+        data = _json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        text = str(err).strip().splitlines()
+        raise TLIError(f"{path}: cannot read: {text[0] if text else type(err).__name__}") from None
+    if not isinstance(data, dict):
+        raise TLIError(f"{path}: expected a JSON object")
+    return data

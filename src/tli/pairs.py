@@ -23,7 +23,7 @@ import re
 import tempfile
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -656,6 +656,88 @@ def gold_keys(pairs: Sequence[Pair], *, reverse: bool = False) -> Gold:
         where[_fold(cand)].append(j)
     correct = [frozenset(j for a in acc for j in where.get(a, ())) for acc in accept]
     return Gold(queries, candidates, accept, correct)
+
+
+def gold_mask(pairs: Sequence[Pair]) -> Any:
+    """Source -> target gold mask ``(B, B)``: the diagonal plus every listed translation."""
+    from tli.metrics import gold_mask_from_keys
+
+    gold = gold_keys(pairs)
+    return gold_mask_from_keys(gold.accept, gold.candidates)
+
+
+def check_sets(sets: Mapping[str, Sequence[Pair]], stage: str = "the scan") -> dict[str, list]:
+    """The non-empty sets, each holding at least 2 pairs (a baseline needs mismatched pairs).
+
+    Raises:
+        TLIError: If a set holds a single pair, or every set is empty.
+    """
+    out = {name: list(items) for name, items in sets.items() if items}
+    for name, items in out.items():
+        if len(items) < 2:
+            raise TLIError(
+                f"set {name!r} has {len(items)} pair; {stage} needs at least 2 per set "
+                "(the baseline is made of mismatched pairs)"
+            )
+    if not out:
+        raise TLIError(f"nothing for {stage}: every set is empty")
+    return out
+
+
+def read_sets(
+    path: str | os.PathLike[str] | None,
+    control: str | os.PathLike[str] | None = None,
+    *,
+    src_key: str = "swahili",
+    tgt_key: str = "english",
+    stage: str = "the scan",
+) -> dict[str, list[Pair]]:
+    """The trained and control sets of a command line's ``--pairs`` / ``--control`` files.
+
+    Without ``path``: the bundled lexicon and its split. A file's split column, if any, gives
+    both sets; ``--control`` then conflicts with it. Overlap between the sets is a warning.
+    """
+    if path is None:
+        found, name = load_lexicon(), "the bundled lexicon"
+    else:
+        found, name = read_pairs(path, src_key=src_key, tgt_key=tgt_key), str(path)
+    sets = split_sets(found)
+    if control is not None:
+        if sets["control"]:
+            raise TLIError(
+                f"{name} has its own control split and --control was given: use one or the other"
+            )
+        sets["control"] = read_pairs(control, src_key=src_key, tgt_key=tgt_key)
+        leaks = check_leakage(sets["trained"], sets["control"])
+        if leaks:
+            log.warning(
+                "%s: %d control item(s) overlap the trained set, e.g. %s",
+                control,
+                len(leaks),
+                leaks[0],
+            )
+    try:
+        checked = check_sets(sets, stage)
+    except TLIError as err:
+        where = f"{name} and {control}" if control is not None else name
+        raise TLIError(f"{where}: {err}") from None
+    if "control" not in checked:
+        log.warning("%s has no control set: %s covers the trained set only", name, stage)
+    return checked
+
+
+def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> None:
+    """``--pairs``, ``--control``, ``--src-key`` and ``--tgt-key``, as every stage takes them."""
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if any, gives the sets "
+        "(default: the bundled lexicon and its split)",
+    )
+    if control:
+        p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
+    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
+    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from tli.errors import TLIError
+from tli.pairs import add_pair_arguments
 
 log = logging.getLogger("tli")
 
@@ -1370,15 +1371,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="base model: embedded name, .gguf, directory or hub id (default: the model the "
         "adapter records)",
     )
-    p.add_argument(
-        "--pairs",
-        type=Path,
-        help="pair file; a split column, if any, gives both sets (default: the bundled lexicon "
-        "and its split)",
-    )
-    p.add_argument("--control", type=Path, help="control pair file (all its pairs)")
-    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
-    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
+    add_pair_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("probe"), help="output directory (default: probe)"
     )
@@ -1389,22 +1382,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from tli.config import build, overrides_from_args
-    from tli.evaluate import read_adapter, read_sets
+    from tli.evaluate import read_adapter
+    from tli.io import ensure_writable_dir
     from tli.models import ModelConfig, load_model
-    from tli.scan import check_out_dir
+    from tli.pairs import read_sets
 
     overrides = overrides_from_args(ProbeConfig, args)
     for key in _TEXT_FIELDS:  # a shell argument cannot hold a line break: accept "\n" for one
         if isinstance(overrides.get(key), str):
             overrides[key] = overrides[key].replace("\\n", "\n")
     cfg = build(ProbeConfig, overrides)
-    check_out_dir(args.out)
+    ensure_writable_dir(args.out)
     info = read_adapter(args.adapter)  # before any model is loaded: fail fast
     model_name = args.model or info.base_model
     if not model_name:
         raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
     model_cfg = build(ModelConfig, {**overrides_from_args(ModelConfig, args), "name": model_name})
-    sets = read_sets(args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key)
+    sets = read_sets(
+        args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key, stage="the probe"
+    )
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start

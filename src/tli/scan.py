@@ -35,6 +35,8 @@ import torch
 
 from tli.embed import POOLINGS, Pooling
 from tli.errors import TLIError
+from tli.io import ensure_writable_dir
+from tli.pairs import add_pair_arguments, check_sets, gold_mask, read_sets
 
 log = logging.getLogger("tli")
 
@@ -470,33 +472,6 @@ def build_result(
 # --- the scan -------------------------------------------------------------------------------
 
 
-def _gold(pairs: Sequence[Any]) -> torch.Tensor:
-    """Source -> target gold mask ``(B, B)``: the diagonal plus listed alternatives."""
-    from tli.metrics import gold_mask_from_keys
-    from tli.pairs import gold_keys
-
-    gold = gold_keys(pairs)
-    return gold_mask_from_keys(gold.accept, gold.candidates)
-
-
-def check_sets(sets: Mapping[str, Sequence[Any]]) -> dict[str, list[Any]]:
-    """The non-empty sets, each checked to hold at least 2 pairs (a baseline needs mismatches).
-
-    Raises:
-        TLIError: If a set holds a single pair, or every set is empty.
-    """
-    out = {name: list(pairs) for name, pairs in sets.items() if pairs}
-    for name, pairs in out.items():
-        if len(pairs) < 2:
-            raise TLIError(
-                f"set {name!r} has {len(pairs)} pair; the scan needs at least 2 per set "
-                "(the baseline is made of mismatched pairs)"
-            )
-    if not out:
-        raise TLIError("nothing to scan: every set is empty")
-    return out
-
-
 def run_scan(
     loaded: Any, sets: Mapping[str, Sequence[Any]], cfg: ScanConfig | None = None
 ) -> ScanResult:
@@ -518,7 +493,7 @@ def run_scan(
 
     cfg = cfg or ScanConfig()
     start = time.perf_counter()
-    sets = check_sets(sets)
+    sets = check_sets(sets, "the scan")
     depth = loaded.num_layers if not loaded.truncated else loaded.depth
     layers = list(range(depth + 1))
     # Every distinct string once, whatever set or side it comes from.
@@ -536,7 +511,7 @@ def run_scan(
         }
 
     src, tgt = side("source"), side("target")
-    golds = {name: _gold(pairs) for name, pairs in sets.items()}
+    golds = {name: gold_mask(pairs) for name, pairs in sets.items()}
 
     def summaries(s: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> dict[str, Summary]:
         return {
@@ -608,71 +583,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "and scan.png to --out.",
     )
     p.add_argument("--model", default="gemma-3-270m", help="model name, .gguf, dir or hub id")
-    p.add_argument(
-        "--pairs",
-        type=Path,
-        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if "
-        "any, gives the sets (default: the bundled lexicon and its split)",
-    )
-    p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
-    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
-    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
+    add_pair_arguments(p)
     add_dataclass_arguments(p, ScanConfig)
     add_dataclass_arguments(p, ModelConfig, skip=("name",))
     p.add_argument(
         "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
     )
     p.set_defaults(func=_run)
-
-
-def check_out_dir(path: Path) -> None:
-    """Fail early (before any model is loaded) if ``path`` cannot become an output directory."""
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise TLIError(f"{path}: exists and is not a directory")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise TLIError(f"{path}: directory is not writable")
-        return
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise TLIError(f"{path}: cannot create directory: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TLIError(f"{path}: cannot create directory: {parent} is not writable")
-
-
-def _read_sets(args: argparse.Namespace) -> dict[str, list[Any]]:
-    from tli.pairs import check_leakage, load_lexicon, read_pairs, split_sets
-
-    if args.pairs is None:
-        pairs, name = load_lexicon(), "the bundled lexicon"
-    else:
-        pairs = read_pairs(args.pairs, src_key=args.src_key, tgt_key=args.tgt_key)
-        name = str(args.pairs)
-    sets = split_sets(pairs)
-    if args.control is not None:
-        if sets["control"]:
-            raise TLIError(
-                f"{name} has its own control split and --control was given: use one or the other"
-            )
-        sets["control"] = read_pairs(args.control, src_key=args.src_key, tgt_key=args.tgt_key)
-        leaks = check_leakage(sets["trained"], sets["control"])
-        if leaks:
-            log.warning(
-                "%s: %d control item(s) overlap the trained set, e.g. %s",
-                args.control,
-                len(leaks),
-                leaks[0],
-            )
-    try:
-        checked = check_sets(sets)
-    except TLIError as err:
-        raise TLIError(f"{name}: {err}") from None
-    if "control" not in checked:
-        log.info("%s has no control split: scanning the trained set only", name)
-    return checked
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -682,8 +599,8 @@ def _run(args: argparse.Namespace) -> int:
     cfg = build(ScanConfig, overrides_from_args(ScanConfig, args))
     model_values = overrides_from_args(ModelConfig, args)
     model_cfg = build(ModelConfig, {**model_values, "name": args.model})
-    check_out_dir(args.out)
-    sets = _read_sets(args)
+    ensure_writable_dir(args.out)
+    sets = read_sets(args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key)
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start

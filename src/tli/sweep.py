@@ -227,10 +227,11 @@ def _control_vectors(model: Any, tokenizer: Any, control: Sequence[Any], n: int,
 
 
 def _figures(pre: tuple, post: tuple, control: Sequence[Any], sweep: SweepConfig) -> dict:
-    from tli.evaluate import EvalConfig, _gold, compare
+    from tli.evaluate import EvalConfig, compare
+    from tli.pairs import gold_mask
 
     cfg = EvalConfig(pooling=sweep.pooling, n_boot=sweep.n_boot)
-    figures, _, _ = compare(pre, post, _gold(control), cfg)
+    figures, _, _ = compare(pre, post, gold_mask(control), cfg)
     out = {"pre": {}, "post": {}}
     for state in ("pre", "post"):
         for key in FIGURES:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import logging
 import math
 import random
@@ -41,10 +40,15 @@ from tli import models, surgery
 from tli.config import check_range
 from tli.embed import POOLINGS, pooled, tokenize
 from tli.errors import TLIError
-from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+from tli.io import (
+    atomic_write_json,
+    atomic_write_text,
+    ensure_dir,
+    ensure_writable_dir,
+    read_json,
+)
 from tli.losses import LOSSES, LossOutput, contrastive_objective, get_loss, update_running_mean
-from tli.metrics import gold_mask_from_keys
-from tli.pairs import Pair, gold_keys
+from tli.pairs import Pair, gold_mask
 
 log = logging.getLogger("tli")
 
@@ -411,8 +415,7 @@ def batches_for_epoch(n_pairs: int, batch_size: int, seed: int, epoch: int) -> l
 
 def batch_gold(pairs: Sequence[Pair], index: Sequence[int]) -> torch.Tensor:
     """(B, B) mask: True where pair j's target is a listed translation of pair i's source."""
-    gold = gold_keys([pairs[i] for i in index])
-    return gold_mask_from_keys(gold.accept, gold.candidates)
+    return gold_mask([pairs[i] for i in index])
 
 
 def _gather_with_grad(x: torch.Tensor, accelerator: Any) -> torch.Tensor:
@@ -630,8 +633,8 @@ def train(
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
             raise TLIError(f"{out_dir}: no checkpoint to resume from")
-        saved = json.loads((out_dir / "train_config.json").read_text())
-        if saved["train"] != config_record["train"]:
+        saved = read_json(out_dir / "train_config.json")
+        if saved.get("train") != config_record["train"]:
             raise TLIError(f"{out_dir}: the training config differs from the one being resumed")
     else:
         if latest_checkpoint(out_dir) is not None or (out_dir / "final").exists():
@@ -654,7 +657,13 @@ def train(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated property
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
+        try:
+            model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
+        except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise TLIError(
+                f"target_modules {', '.join(cfg.target_modules)}: cannot add adapters: {first}"
+            ) from None
     model.peft_config["default"].base_model_name_or_path = loaded.name
     model.to(accelerator.device)
     model.train()
@@ -789,9 +798,9 @@ def train(
             if on_step is not None:
                 on_step(step)
         elapsed = elapsed_before + time.perf_counter() - start
-        last_good = checkpoint(f"step-{step}", elapsed)
-        if main:
+        if main:  # before the checkpoint, so a resume from it never lacks this epoch's adapter
             save_adapter(model, out_dir / f"epoch-{epoch + 1}", meta)
+        last_good = checkpoint(f"step-{step}", elapsed)
     bar.close()
     seconds = elapsed_before + time.perf_counter() - start
     final = out_dir / "final"
@@ -939,7 +948,9 @@ def _run(args: argparse.Namespace) -> int:
         saved_path = Path(args.resume) / "train_config.json"
         if not saved_path.is_file():
             raise TLIError(f"{args.resume}: not a training directory (no train_config.json)")
-        saved = json.loads(saved_path.read_text())
+        saved = read_json(saved_path)
+        if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
+            raise TLIError(f'{saved_path}: expected "train" and "model" tables')
         cfg = build(TrainConfig, saved["train"])
         model_values = saved["model"]
     else:
@@ -949,6 +960,7 @@ def _run(args: argparse.Namespace) -> int:
     if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
     mcfg = build(ModelConfig, model_values) if model_values else models.model_config_from_args(args)
+    ensure_writable_dir(out_dir)
     pairs = read_training_pairs(args.pairs, args) if args.resume is None else _saved_pairs(out_dir)
     _, config = models.load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     depth = load_depth(cfg, surgery.num_layers(config))
