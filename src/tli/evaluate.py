@@ -1225,7 +1225,6 @@ def evaluate(
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tli evaluate``."""
     from tli.config import add_dataclass_arguments
-    from tli.models import ModelConfig
 
     p = sub.add_parser(
         "evaluate",
@@ -1236,6 +1235,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2. "
         "Writes pairs.csv, evaluation.json, evaluation.md and vectors.safetensors to --out.",
     )
+    add_adapter_arguments(p)
+    add_pair_arguments(p)
+    p.add_argument(
+        "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
+    )
+    add_dataclass_arguments(p, EvalConfig)
+    p.set_defaults(func=_run)
+
+
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """``--adapter`` and the base model's options, for commands that load an adapter."""
+    from tli.config import add_dataclass_arguments
+    from tli.models import ModelConfig
+
     p.add_argument(
         "--adapter",
         type=Path,
@@ -1247,27 +1260,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="base model: embedded name, .gguf, directory or hub id (default: the model the "
         "adapter records)",
     )
-    add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
-    )
-    add_dataclass_arguments(p, EvalConfig)
     add_dataclass_arguments(p, ModelConfig, skip=("name",))
-    p.set_defaults(func=_run)
+
+
+def adapter_and_model(args: argparse.Namespace) -> tuple[AdapterInfo, Any]:
+    """The checked adapter and the base model's config (``--model``, else the adapter's own).
+
+    Reads the adapter before any model is loaded, so a bad ``--adapter`` fails fast.
+    """
+    from tli.config import build, overrides_from_args
+    from tli.models import ModelConfig
+
+    info = read_adapter(args.adapter)
+    model_name = args.model or info.base_model
+    if not model_name:
+        raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
+    return info, build(ModelConfig, {**overrides_from_args(ModelConfig, args), "name": model_name})
 
 
 def _run(args: argparse.Namespace) -> int:
     from tli.config import build, overrides_from_args
     from tli.io import ensure_writable_dir
-    from tli.models import ModelConfig, load_model
+    from tli.models import load_model
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
     ensure_writable_dir(args.out)
-    info = read_adapter(args.adapter)  # before any model is loaded: fail fast
-    model_name = args.model or info.base_model
-    if not model_name:
-        raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
-    model_cfg = build(ModelConfig, {**overrides_from_args(ModelConfig, args), "name": model_name})
+    info, model_cfg = adapter_and_model(args)
     sets = read_sets(
         args.pairs,
         args.control,

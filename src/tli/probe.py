@@ -1348,7 +1348,7 @@ def probe(
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tli probe``."""
     from tli.config import add_dataclass_arguments
-    from tli.models import ModelConfig
+    from tli.evaluate import add_adapter_arguments
 
     p = sub.add_parser(
         "probe",
@@ -1360,31 +1360,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). "
         "See docs/probe.md.",
     )
-    p.add_argument(
-        "--adapter",
-        type=Path,
-        required=True,
-        help="peft adapter directory (e.g. runs/train/final) or a training directory",
-    )
-    p.add_argument(
-        "--model",
-        help="base model: embedded name, .gguf, directory or hub id (default: the model the "
-        "adapter records)",
-    )
+    add_adapter_arguments(p)
     add_pair_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("probe"), help="output directory (default: probe)"
     )
     add_dataclass_arguments(p, ProbeConfig, skip=("enabled",))
-    add_dataclass_arguments(p, ModelConfig, skip=("name",))
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
     from tli.config import build, overrides_from_args
-    from tli.evaluate import read_adapter
+    from tli.evaluate import adapter_and_model
     from tli.io import ensure_writable_dir
-    from tli.models import ModelConfig, load_model
+    from tli.models import load_model
     from tli.pairs import read_sets
 
     overrides = overrides_from_args(ProbeConfig, args)
@@ -1393,11 +1382,7 @@ def _run(args: argparse.Namespace) -> int:
             overrides[key] = overrides[key].replace("\\n", "\n")
     cfg = build(ProbeConfig, overrides)
     ensure_writable_dir(args.out)
-    info = read_adapter(args.adapter)  # before any model is loaded: fail fast
-    model_name = args.model or info.base_model
-    if not model_name:
-        raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
-    model_cfg = build(ModelConfig, {**overrides_from_args(ModelConfig, args), "name": model_name})
+    info, model_cfg = adapter_and_model(args)
     sets = read_sets(
         args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key, stage="the probe"
     )
