@@ -58,7 +58,7 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
     try:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             _sync(handle, path)
@@ -113,7 +113,8 @@ def check_out_file(path: Path | str) -> None:
         raise TLIError(f"{path}: cannot create it: {parent} is not writable")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -43,6 +43,7 @@ from tli.errors import TLIError
 from tli.io import (
     atomic_write_json,
     atomic_write_text,
+    current_umask,
     ensure_dir,
     ensure_writable_dir,
     read_json,
@@ -515,6 +516,7 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
     path = Path(path)
     ensure_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the adapter is an ordinary folder
     try:
         # save_embedding_layers=False: the adapter never touches embeddings, and peft would
         # otherwise look the base model up on the hub to decide.
