@@ -131,8 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"pooling": "mean_all", "scan": {"select_by": "cosine"}},
     # Chosen by `tli sweep` on the bundled lexicon's own split, 3 seeds (docs/findings.md,
     # examples/sweep-*.toml): symmetric InfoNCE (temperature 0.05) on final-layer vectors of
-    # the word's own tokens, adapters on the last 4 blocks only (the frozen prefix below them
-    # is cached once), 3 epochs at lr 1e-3.
+    # the word's own tokens, adapters on every block, the paper's lr 2e-4 and 5 epochs.
     "aligned": {
         "pooling": "mean",
         "scan": {"select_by": "cosine"},
@@ -140,9 +139,9 @@ PRESETS: dict[str, dict[str, Any]] = {
             "loss": "info_nce",
             "temperature": 0.05,
             "loss_layers": ["final"],
-            "adapt_layers": "last:4",
-            "lr": 1e-3,
-            "epochs": 3,
+            "adapt_layers": "all",
+            "lr": 2e-4,
+            "epochs": 5,
             "warmup_steps": 10,
         },
     },
