@@ -186,3 +186,14 @@ def test_report_renders_in_headless_chromium_without_console_messages(finished_r
     result = render(finished_run / "report.html", tmp_path / "shot.png", height=1200)
     assert result["returncode"] == 0 and result["console"] == [], result
     assert (tmp_path / "shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mismatched_pairs_are_a_seeded_derangement():
+    from tli.plots import derangement
+
+    for n in (2, 3, 10, 97):
+        for seed in range(5):
+            perm = derangement(n, seed)
+            assert sorted(perm) == list(range(n))
+            assert all(perm[i] != i for i in range(n))
+            assert perm == derangement(n, seed)

@@ -377,8 +377,25 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
     return _save(fig, path)
 
 
-def mismatched_change(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Per-pair final-layer cosine change of mismatched pairs (source i with target i+1)."""
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded random permutation of ``range(n)`` with no fixed point (n >= 2).
+
+    Neighbours in a word list are often related (the bundled lexicon is grouped by category),
+    so mismatched pairs are drawn at random rather than as (i, i + 1).
+    """
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    for i in range(n):
+        if order[i] == i:  # swap with the next slot (or the first); keeps it a permutation
+            j = (i + 1) % n
+            order[i], order[j] = order[j], order[i]
+    return order
+
+
+def mismatched_change(eval_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Any]:
+    """Per-pair final-layer cosine change of mismatched pairs (source i, target perm(i))."""
     import torch
 
     from tli.evaluate import load_vectors
@@ -389,9 +406,12 @@ def mismatched_change(eval_dir: str | os.PathLike[str]) -> dict[str, Any]:
         final = int(meta["final_layer"])
         for name in meta["pairs"]:
             cos = {}
+            perm = None
             for when in ("pre", "post"):
                 src = tensors[f"{name}.{when}.source.layer{final}"]
-                tgt = torch.roll(tensors[f"{name}.{when}.target.layer{final}"], 1, dims=0)
+                if perm is None:
+                    perm = torch.tensor(derangement(src.shape[0], seed))
+                tgt = tensors[f"{name}.{when}.target.layer{final}"][perm]
                 cos[when] = torch.nn.functional.cosine_similarity(src, tgt, dim=-1)
             out[name] = (cos["post"] - cos["pre"]).numpy()
     return out
