@@ -9,6 +9,22 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
+#: Swahili-English pairs for tiny training runs (tests of train and sweep).
+WORDS = [
+    ("mtoto", "child"),
+    ("kitabu", "book"),
+    ("maji", "water"),
+    ("nyumba", "house"),
+    ("mbwa", "dog"),
+    ("paka", "cat"),
+    ("chakula", "food"),
+    ("mti", "tree"),
+    ("jua", "sun"),
+    ("mwezi", "moon"),
+    ("bahari", "sea"),
+    ("mkate", "bread"),
+]
+
 #: model_type -> config kwargs for a tiny random model of that architecture.
 TINY = {
     "llama": {},

@@ -7,20 +7,7 @@ from tli.errors import TLIError
 from tli.pairs import Pair, write_pairs
 from tli.sweep import mean_ci, parse_grid, read_grid, run_sweep
 
-WORDS = [
-    ("mtoto", "child"),
-    ("kitabu", "book"),
-    ("maji", "water"),
-    ("nyumba", "house"),
-    ("mbwa", "dog"),
-    ("paka", "cat"),
-    ("chakula", "food"),
-    ("mti", "tree"),
-    ("jua", "sun"),
-    ("mwezi", "moon"),
-    ("bahari", "sea"),
-    ("mkate", "bread"),
-]
+from conftest import WORDS
 
 
 def _grid(tmp_path, model_dir, extra=""):

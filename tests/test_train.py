@@ -13,22 +13,8 @@ from tli.models import ModelConfig, load_model
 from tli.pairs import Pair
 from tli.train import TrainConfig, batch_gold, batches_for_epoch, lora_config, train
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import WORDS, tiny_model, tiny_tokenizer
 
-WORDS = [
-    ("mtoto", "child"),
-    ("kitabu", "book"),
-    ("maji", "water"),
-    ("nyumba", "house"),
-    ("mbwa", "dog"),
-    ("paka", "cat"),
-    ("chakula", "food"),
-    ("mti", "tree"),
-    ("jua", "sun"),
-    ("mwezi", "moon"),
-    ("bahari", "sea"),
-    ("mkate", "bread"),
-]
 PAIRS = [Pair(s, t) for s, t in WORDS[:-2]] + [
     Pair("bahari", "sea", alternatives=("ocean",)),
     Pair("mkate", "bread"),
