@@ -1,5 +1,6 @@
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -107,3 +108,27 @@ def test_parallel_sweep_matches_sequential(tiny_model_dir, tmp_path):
     two = run_sweep(grid, tmp_path / "two", jobs=2)
     for a, b in zip(one, two, strict=True):
         assert a["post"]["margin"] == pytest.approx(b["post"]["margin"], abs=1e-5)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("sweep-*.toml")), ids=lambda p: p.name)
+def test_shipped_grids_parse_and_name_their_command(path):
+    grid = read_grid(path)
+    assert grid.cells and grid.sweep.model == "gemma-3-270m"
+    assert path.read_text().startswith(f"# tli sweep --grid examples/{path.name} --out runs/")
+
+
+def test_seed_grids_reuse_the_cells_they_extend():
+    # a follow-up grid that adds seeds to an earlier round's cell must resolve that cell to the
+    # same config, or the sweep would train it again instead of reusing it
+    pairs = [
+        ("sweep-capacity.toml", "sweep-capacity-seeds.toml"),
+        ("sweep-all-blocks.toml", "sweep-aligned-seeds.toml"),
+    ]
+    for first, seeds in pairs:
+        earlier = {c.name: c.train for c in read_grid(EXAMPLES / first).cells}
+        shared = [c for c in read_grid(EXAMPLES / seeds).cells if c.name in earlier]
+        assert shared, (first, seeds)
+        assert all(earlier[c.name] == c.train for c in shared)
