@@ -149,6 +149,23 @@ def test_presets_resolve():
         assert resolve_config({"preset": name}).preset == name
 
 
+def test_aligned_preset_trains_the_sweep_cell_that_chose_it():
+    # docs/findings.md reports the `aligned` preset's figures from this sweep cell; a preset edited
+    # without a new sweep would no longer be the setting those figures measure
+    import dataclasses
+
+    from tli.sweep import read_grid
+
+    grid = read_grid(ROOT / "examples" / "sweep-aligned-seeds.toml")
+    cell = next(c for c in grid.cells if c.axes["seed"] == 0)
+    cfg = resolve_config({"preset": "aligned"})
+    assert cfg.pooling == cell.train.pooling
+    ignore = {"layer", "save_every"}  # the scan picks the layer; checkpoints do not change results
+    for f in dataclasses.fields(cfg.train):
+        if f.name not in ignore:
+            assert getattr(cfg.train, f.name) == getattr(cell.train, f.name), f.name
+
+
 def test_docs_config_md_is_current():
     assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(), (
         "docs/config.md is stale: regenerate it with "
