@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from tli import models
+from tli import models, surgery
+from tli.errors import TLIError
 from tli.pairs import load_lexicon
 
 SHOTS = (("mbwa", "dog"), ("nyumba", "house"), ("maji", "water"))  # all in the trained split
@@ -27,6 +28,7 @@ SHOTS = (("mbwa", "dog"), ("nyumba", "house"), ("maji", "water"))  # all in the 
 def candidate_scores(lm, prefix: str, cands: list[str]) -> torch.Tensor:
     """Mean log P(candidate tokens | prefix) for every candidate, shape (len(cands),)."""
     tok, model = lm.tokenizer, lm.model
+    body = surgery.decoder(model)  # the transformer without its LM head
     pid = tok(prefix, return_tensors="pt").input_ids
     ids = [tok(" " + c, add_special_tokens=False).input_ids for c in cands]
     width = max(map(len, ids))
@@ -35,17 +37,17 @@ def candidate_scores(lm, prefix: str, cands: list[str]) -> torch.Tensor:
     for j, c in enumerate(ids):
         cand[j, : len(c)] = torch.tensor(c)
         mask[j, : len(c)] = 1
-    out = model.model(input_ids=pid, use_cache=True)  # the prompt once
+    out = body(input_ids=pid, use_cache=True)  # the prompt once
     cache = out.past_key_values
     cache.batch_repeat_interleave(len(cands))
     attn = torch.cat([torch.ones(len(cands), pid.shape[1]), mask], 1)
-    hidden = model.model(
+    hidden = body(
         input_ids=cand, attention_mask=attn, cache=cache, use_cache=True
     ).last_hidden_state  # (C, W): each candidate's tokens after the shared prompt
     # the state that predicts candidate token k is the one after token k-1 (or after the prompt)
     last = out.last_hidden_state[:, -1:].expand(len(cands), -1, -1)  # (C, 1, D)
     hidden = torch.cat([last, hidden[:, :-1]], 1)  # (C, W, D)
-    logits = model.lm_head(hidden)  # only where candidates are read
+    logits = model.get_output_embeddings()(hidden)  # only where candidates are read
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -62,7 +64,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    lm = models.load_model(models.ModelConfig(name=args.model))
+    try:
+        lm = models.load_model(models.ModelConfig(name=args.model))
+    except TLIError as err:
+        raise SystemExit(f"lm_ceiling: error: {err}") from None
     lm.model.eval()
     pairs = [p for p in load_lexicon() if p.split == args.set][: args.limit]
     cands = [p.target for p in pairs]
