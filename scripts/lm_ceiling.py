@@ -3,9 +3,10 @@
 For each pair, the LM reads a 3-shot prompt ending in the source word ("Swahili: X", newline,
 "English:"), and every target of the set is scored by its mean token log-probability as the
 continuation (the prompt runs once; its key/value cache serves every candidate).
-P@1 is the share of sources whose own target scores best, among the same candidates that the
-embedding P@1 of `tli evaluate` uses. ``calibrated`` subtracts each candidate's score after a
-content-free source ("N/A"), which removes the pull of frequent words (Zhao et al. 2021).
+P@1 is :func:`tli.metrics.retrieval` on these scores, with the same candidates and gold mask
+(listed alternatives count) as the embedding P@1 of `tli evaluate`. ``calibrated`` subtracts
+each candidate's score after a content-free source ("N/A"), which removes the pull of frequent
+words (Zhao et al. 2021).
 
     python scripts/lm_ceiling.py --set control        # bundled lexicon, embedded gemma-3-270m
 """
@@ -20,7 +21,8 @@ import torch
 
 from tli import models, surgery
 from tli.errors import TLIError
-from tli.pairs import load_lexicon
+from tli.metrics import random_chance_p_at_1, retrieval
+from tli.pairs import gold_mask, load_lexicon
 
 SHOTS = (("mbwa", "dog"), ("nyumba", "house"), ("maji", "water"))  # all in the trained split
 
@@ -78,14 +80,14 @@ def main() -> None:
         raw = torch.stack(
             [candidate_scores(lm, shots + f"Swahili: {p.source}\nEnglish:", cands) for p in pairs]
         )
-    gold = torch.arange(len(pairs))
+    gold = gold_mask(pairs)
     result = {
         "model": args.model,
         "set": args.set,
         "n": len(pairs),
-        "p_at_1_raw": (raw.argmax(1) == gold).double().mean().item(),
-        "p_at_1_calibrated": ((raw - prior).argmax(1) == gold).double().mean().item(),
-        "chance": 1 / len(pairs),
+        "p_at_1_raw": retrieval(raw, gold)["p_at_1"].item(),
+        "p_at_1_calibrated": retrieval(raw - prior, gold)["p_at_1"].item(),
+        "chance": random_chance_p_at_1(gold),
         "seconds": round(time.time() - t0, 1),
     }
     print(json.dumps(result))
