@@ -10,22 +10,25 @@ from safetensors.torch import load_file, save_file
 from scipy import stats
 
 from tli import cli
+from tli.adapters import read_adapter
 from tli.errors import TLIError
 from tli.evaluate import (
-    RETRIEVALS,
     EvalConfig,
     EvalResult,
     compare,
     evaluate,
     examples,
     load_vectors,
+)
+from tli.metrics import (
+    RETRIEVALS,
+    alignment_summary,
     margin_rows,
     paired_margin_bootstrap,
-    read_adapter,
     resample_indices,
+    similarity,
     top1_hits,
 )
-from tli.metrics import alignment_summary, similarity
 from tli.models import ModelConfig, load_model
 from tli.pairs import Pair, write_pairs
 from tli.train import TrainConfig, train

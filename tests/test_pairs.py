@@ -47,7 +47,7 @@ def _restore_tli_logger():
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run `tli ...` in-process with only this stage registered; return (code, out, err)."""
-    monkeypatch.setattr(cli, "STAGES", ("tli.pairs",))
+    monkeypatch.setattr(cli, "COMMANDS", ("tli.cli.pairs",))
 
     def run(*argv: str) -> tuple[int, str, str]:
         code = cli.main(list(argv))

@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from tli.cli import main
 from tli.errors import TLIError
+from tli.generate import generate
 from tli.models import ModelConfig, load_model
 from tli.pairs import Pair
 from tli.probe import (
@@ -25,7 +26,6 @@ from tli.probe import (
     exact_match,
     extract_answer,
     fewshot_prompt,
-    generate,
     normalize_answer,
     probe,
     probe_summary_line,

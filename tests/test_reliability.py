@@ -149,7 +149,7 @@ def corrupt_adapter(adapter, tmp_path_factory):
 @pytest.fixture(scope="module")
 def results(tiny_model_dir, inputs, adapter, tmp_path_factory):
     """A run-like results folder (config.toml, scan/, eval/) for `tli plot`, without figures."""
-    from tli.run import resolve_config, to_toml
+    from tli.pipeline.config import resolve_config, to_toml
 
     root = tmp_path_factory.mktemp("results") / "run"
     root.mkdir()
@@ -495,7 +495,7 @@ def test_one_pair_is_a_valid_pair_file(capsys, inputs):
 
 def test_the_adapter_fixture_is_good(capsys, adapter, tiny_model_dir, inputs, tmp_path):
     """The evaluate cases fail for their stated reason, not because the adapter is bad."""
-    from tli.evaluate import read_adapter
+    from tli.adapters import read_adapter
 
     info = read_adapter(adapter)
     assert info.base_model == str(tiny_model_dir)
@@ -676,12 +676,12 @@ def test_real_stderr_holds_only_the_error_line(
 
 
 def test_an_internal_bug_propagates_from_main(monkeypatch, capsys, inputs):
-    import tli.pairs
+    import tli.cli.pairs
 
     def broken(*args, **kwargs):
         raise RuntimeError("an internal bug")
 
-    monkeypatch.setattr(tli.pairs, "summarize", broken)
+    monkeypatch.setattr(tli.cli.pairs, "summarize", broken)
     with pytest.raises(RuntimeError, match="an internal bug"):
         main(["pairs", "check", str(inputs / "pairs.tsv")])
     assert "tli: error" not in capsys.readouterr().err
@@ -770,7 +770,7 @@ def test_disk_errors_while_writing_are_one_line(tmp_path, monkeypatch, capsys, i
 
 
 def test_leftovers_are_removed_on_resume_and_nothing_else(tmp_path):
-    from tli.run import remove_leftovers
+    from tli.pipeline.rundir import remove_leftovers
 
     keep = ["config.toml", "eval/evaluation.json", "train/final/adapter_model.safetensors",
             ".user-notes", "train/.hidden.json"]  # fmt: skip
@@ -788,7 +788,7 @@ def test_leftovers_are_removed_on_resume_and_nothing_else(tmp_path):
 
 def test_a_run_killed_before_its_config_was_written_can_start_again(tmp_path):
     """Only a stale lock and a temporary: not a run yet, so a new run may use the folder."""
-    from tli.run import acquire_lock, empty_run_dir, prepare_run_dir
+    from tli.pipeline.rundir import acquire_lock, empty_run_dir, prepare_run_dir
 
     run = tmp_path / "run"
     run.mkdir()
@@ -803,7 +803,7 @@ def test_overwrite_removes_config_toml_last(tmp_path, monkeypatch):
     """A kill part-way through --overwrite leaves a folder that --overwrite still accepts."""
     import shutil as shutil_module
 
-    from tli.run import empty_run_dir, prepare_run_dir
+    from tli.pipeline.rundir import empty_run_dir, prepare_run_dir
 
     run = tmp_path / "run"
     (run / "scan").mkdir(parents=True)
@@ -826,7 +826,7 @@ def test_overwrite_removes_config_toml_last(tmp_path, monkeypatch):
 
 def test_evaluation_json_does_not_depend_on_hash_order(adapter):
     """peft writes target_modules (a set) in hash order, which changes from process to process."""
-    from tli.evaluate import read_adapter
+    from tli.adapters import read_adapter
 
     info = read_adapter(adapter)
     for order in (["q_proj", "v_proj"], ["v_proj", "q_proj"]):
@@ -898,8 +898,8 @@ def test_trust_remote_code_is_off_unless_a_flag_says_so(monkeypatch, tiny_model_
 
 def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, tiny_model_dir):
     """A run started with relative paths records absolute ones (config.toml re-runs anywhere)."""
-    import tli.run
-    from tli.run import load_run_config
+    import tli.pipeline.runner
+    from tli.pipeline.config import load_run_config
 
     class Stop(Exception):
         pass
@@ -907,7 +907,7 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
     def stop(self):
         raise Stop
 
-    monkeypatch.setattr(tli.run.Runner, "run", stop)
+    monkeypatch.setattr(tli.pipeline.runner.Runner, "run", stop)
     monkeypatch.chdir(tmp_path)
     shutil.copy(inputs / "pairs.tsv", "pairs.tsv")
     shutil.copy(inputs / "split.tsv", "control.tsv")
@@ -930,7 +930,7 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
 
 def _grab_lock(run_dir, barrier, results):
     from tli.errors import TLIError
-    from tli.run import acquire_lock
+    from tli.pipeline.rundir import acquire_lock
 
     barrier.wait()
     try:
@@ -979,7 +979,7 @@ WRAPPER = r"""
 import os, sys, time
 pauses = dict(i.split(":") for i in os.environ.get("TLI_TEST_PAUSE", "").split(",") if i)
 if pauses:
-    import tli.report, tli.run
+    import tli.report, tli.pipeline.runner
     def slowed(fn, seconds):
         def wrapper(*args, **kwargs):
             time.sleep(float(seconds))
@@ -988,7 +988,8 @@ if pauses:
     for stage in ("pairs", "scan", "train", "evaluate", "figures"):
         if stage in pauses:
             name = "_" + stage
-            setattr(tli.run.Runner, name, slowed(getattr(tli.run.Runner, name), pauses[stage]))
+            runner = tli.pipeline.runner.Runner
+            setattr(runner, name, slowed(getattr(runner, name), pauses[stage]))
     if "report" in pauses:
         tli.report.build_html = slowed(tli.report.build_html, pauses["report"])
     if "step" in pauses:
@@ -1272,14 +1273,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tli.run import (  # noqa: E402
-    SECTIONS,
-    _toml_loads,
-    parse_set,
-    read_toml,
-    resolve_config,
-    to_toml,
-)
+from tli.config import parse_set, read_toml  # noqa: E402
+from tli.config import toml_loads as _toml_loads  # noqa: E402
+from tli.pipeline.config import SECTIONS, resolve_config, to_toml  # noqa: E402
 
 FIELDS = sorted({f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)})
 NAMES = st.sampled_from([*SECTIONS, "preset", "pooling", *FIELDS]) | st.text(max_size=8)

@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 
 from tli.cli import main
+from tli.cli.reference import config_reference
+from tli.config import parse_set
 from tli.errors import TLIError
 from tli.pairs import load_lexicon, write_pairs
-from tli.run import (
-    PRESETS,
-    config_reference,
-    load_run_config,
-    parse_set,
-    resolve_config,
-    to_toml,
-)
+from tli.pipeline.config import load_run_config, resolve_config, to_toml
+from tli.pipeline.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,7 +165,8 @@ def test_aligned_preset_trains_the_sweep_cell_that_chose_it():
 def test_docs_config_md_is_current():
     assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(), (
         "docs/config.md is stale: regenerate it with "
-        "python -c 'from tli.run import config_reference; print(config_reference(), end=\"\")' "
+        "python -c 'from tli.cli.reference import config_reference; "
+        "print(config_reference(), end=\"\")' "
         "> docs/config.md"
     )
 
@@ -206,7 +203,7 @@ def test_report_renders_in_headless_chromium_without_console_messages(finished_r
 
 
 def test_mismatched_pairs_are_a_seeded_derangement():
-    from tli.plots import derangement
+    from tli.metrics import derangement
 
     for n in (2, 3, 10, 97):
         for seed in range(5):

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from tli import cli
+from tli.cli.plot import redraw
 from tli.errors import TLIError
 from tli.models import ModelConfig, load_model
 from tli.pairs import Pair
-from tli.plots import plot_scan, redraw
+from tli.plots import plot_scan
 from tli.scan import ScanConfig, ScanResult, build_result, check_choice, run_scan, select_layer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -56,7 +57,7 @@ def _restore_tli_logger():
 @pytest.fixture
 def run_cli(monkeypatch, capsys):
     """Run `tli ...` in-process with only these stages; return (code, out, err)."""
-    monkeypatch.setattr(cli, "STAGES", ("tli.scan", "tli.plots"))
+    monkeypatch.setattr(cli, "COMMANDS", ("tli.cli.scan", "tli.cli.plot"))
 
     def run(*argv: str) -> tuple[int, str, str]:
         try:
@@ -182,7 +183,7 @@ def test_run_scan_round_trips_through_its_directory(loaded, tmp_path):
 def test_plot_redraws_the_png_from_the_directory_alone(run_cli, loaded, tmp_path):
     sets = {"trained": pairs_of(TRAINED), "control": pairs_of(CONTROL)}
     run_dir = tmp_path / "run"
-    run_scan(loaded, sets, ScanConfig(n_boot=20)).save(run_dir / "scan", plot=False)
+    run_scan(loaded, sets, ScanConfig(n_boot=20)).save(run_dir / "scan")
     png = run_dir / "scan" / "scan.png"
     assert not png.exists()
     code, stdout, _ = run_cli("plot", run_dir)  # a run directory: the scan lies in scan/
@@ -313,7 +314,7 @@ def test_anisotropic_choice_warns(caplog, tmp_path):
     assert any("anisotropy, not alignment" in m and "0.9986" in m for m in messages)
     assert result.warnings == messages
     # The warnings are saved with the result and shown in its table.
-    result.save(tmp_path, plot=False)
+    result.save(tmp_path)
     assert ScanResult.load(tmp_path).warnings == messages
     assert "warning: " in result.table()
     # By margin, layer 2 is chosen: a clear margin and a baseline below 0.9, so no warning.
@@ -346,8 +347,7 @@ def test_plot_scan_from_a_constructed_result(tmp_path):
     )
     path = plot_scan(result, tmp_path / "fig.png")
     assert path.read_bytes()[:8] == PNG_MAGIC
-    result.save(tmp_path / "d")
-    os.remove(tmp_path / "d" / "scan.png")
+    result.save(tmp_path / "d")  # the result is saved without its figure
     assert redraw(tmp_path / "d") == [tmp_path / "d" / "scan.png"]
 
 

@@ -1,15 +1,21 @@
-"""Config dataclasses <-> command-line options, and presets.
+"""Config dataclasses <-> command-line options and TOML, and the checks every config shares.
 
 Each stage's config is a frozen dataclass whose fields carry ``metadata={"help": ...}``; the
-help doubles as the CLI help (STYLE.md, point 3), so options are written down once.
+help doubles as the CLI help and as docs/config.md, so options are written down once.
+:func:`build` layers mappings (preset, file, command line) into one config with type checks;
+:func:`read_toml` and :func:`parse_set` read those mappings; :func:`check_range`,
+:func:`check_int`, :func:`check_one_of` and :func:`check_unit` are the field checks that
+every config's ``__post_init__`` uses, so a bad value reads the same in every command.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 from tli.errors import TLIError
@@ -40,7 +46,7 @@ def _converter(tp: Any, name: str):
             choices = get_args(base)
             if text not in choices:
                 raise argparse.ArgumentTypeError(
-                    f"{text!r} is not one of {', '.join(map(str, choices))}"
+                    f"invalid choice: {text!r} is not one of {', '.join(map(str, choices))}"
                 )
             return text
         if base is bool:
@@ -222,3 +228,74 @@ def check_range(
         raise TLIError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and value > hi:
         raise TLIError(f"{name} must be <= {hi}, got {value}")
+
+
+def check_int(name: str, value: Any, low: int | None = None) -> None:
+    """Raise TLIError unless ``value`` is an integer (not a bool), at least ``low`` if given."""
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise TLIError(f"{name} must be an integer{bound}, got {value!r}")
+
+
+def check_unit(name: str, value: Any) -> None:
+    """Raise TLIError unless ``value`` is a number strictly between 0 and 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise TLIError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def check_one_of(name: str, value: Any, choices: tuple[Any, ...] | list[Any]) -> None:
+    """Raise TLIError naming the choices unless ``value`` is one of them."""
+    if value not in choices:
+        raise TLIError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+# --- TOML and --set ---------------------------------------------------------------------------
+
+
+def toml_loads(text: str) -> dict[str, Any]:
+    """Parse TOML text (tomllib, or tomli before Python 3.11)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def read_toml(path: Path | str) -> dict[str, Any]:
+    """A TOML file as a dict; a TLIError naming the file (and line) when it is bad."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TLIError(f"{path}: no such file") from None
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
+    try:
+        return toml_loads(text)
+    except Exception as err:  # tomllib.TOMLDecodeError
+        raise TLIError(f"{path}: bad TOML: {err}") from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set section.key=value`` overrides as a nested dict (values parsed as TOML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise TLIError(f"--set {item!r}: expected section.key=value")
+        try:
+            value = toml_loads(f"v = {raw}")["v"]
+        except Exception:
+            value = raw  # a bare string
+        parts = key.split(".")
+        if len(parts) > 2:
+            raise TLIError(f"--set {item!r}: expected section.key=value")
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif not isinstance(out.setdefault(parts[0], {}), dict):
+            raise TLIError(f"--set {item!r}: {parts[0]} was set to a value, not a table, before")
+        else:
+            out[parts[0]][parts[1]] = value
+    return out

@@ -7,17 +7,15 @@ deepest block that a requested layer needs. Layer indices follow ``output_hidden
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from tli import surgery
+from tli.config import check_one_of
 from tli.errors import TLIError
 
 log = logging.getLogger("tli")
@@ -154,8 +152,7 @@ def pool(
     tokens (the paper's pilot); ``last``: the last attention-masked token. Masks are ``(B, T)``;
     pooling never depends on the padding side.
     """
-    if pooling not in POOLINGS:
-        raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    check_one_of("pooling", pooling, POOLINGS)
     real = attention_mask.bool()
     if pooling == "last":
         positions = torch.arange(real.shape[-1], device=real.device)
@@ -231,7 +228,8 @@ def pooled_via_full_forward(
     return torch.nn.functional.normalize(vectors, dim=-1)  # (L, B, D)
 
 
-def _check_texts(texts: Sequence[str]) -> None:
+def check_texts(texts: Sequence[str]) -> None:
+    """Raise TLIError when there is no string, or one is empty or whitespace-only."""
     if not texts:
         raise TLIError("no strings to embed")
     for i, text in enumerate(texts):
@@ -255,11 +253,10 @@ def embed_strings(
     Strings are sorted by token count into batches to limit padding; the result is in input
     order. One forward pass per batch yields every requested layer.
     """
-    _check_texts(texts)
+    check_texts(texts)
     if batch_size < 1:
         raise TLIError(f"batch size must be >= 1, got {batch_size}")
-    if pooling not in POOLINGS:
-        raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    check_one_of("pooling", pooling, POOLINGS)
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -296,81 +293,3 @@ def embed(
 # --- command line -------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli embed``."""
-    p = sub.add_parser(
-        "embed",
-        help="pooled, normalised vectors of words at chosen layers",
-        description="Embed words (one pass per batch, all requested layers at once) and write "
-        "them to a safetensors file as a (L, B, D) tensor.",
-    )
-    p.add_argument("words", nargs="*", metavar="WORD", help="strings to embed")
-    p.add_argument("--file", type=Path, help="read strings from this file, one per line")
-    p.add_argument("--model", default="gemma-3-270m", help="model name, .gguf, dir or hub id")
-    p.add_argument("--layers", default="all", help="e.g. 0,2,final or 0-5 or all (default)")
-    p.add_argument("--pooling", default="mean", choices=POOLINGS, help="default: mean")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit (CUDA, bitsandbytes)")
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("vectors.safetensors"))
-    p.set_defaults(func=_run)
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TLIError(f"{path}: no such file") from None
-    except OSError as err:
-        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
-    lines = text.splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            raise TLIError(f"{path}: line {i}: empty or whitespace-only string")
-    return [line.strip() for line in lines]
-
-
-def _run(args: argparse.Namespace) -> int:
-    from tli.io import atomic_write_safetensors, check_out_file
-    from tli.models import ModelConfig, load_model
-
-    texts = list(args.words) + (_read_lines(args.file) if args.file else [])
-    _check_texts(texts)
-    if args.batch_size < 1:
-        raise TLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    check_out_file(args.out)  # before any model is loaded
-    cfg = ModelConfig(
-        name=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        load_in_4bit=args.load_in_4bit,
-        trust_remote_code=args.trust_remote_code,
-    )
-    from tli.models import load_config
-
-    _, config = load_config(args.model, trust_remote_code=args.trust_remote_code)
-    n = surgery.num_layers(config)
-    layers = parse_layers(args.layers, n)
-    needs_full = n in layers
-    loaded = load_model(cfg, max_layer=None if needs_full else max(layers))
-    vectors = embed(loaded, texts, layers, pooling=args.pooling, batch_size=args.batch_size)
-    atomic_write_safetensors(
-        args.out,
-        {"vectors": vectors.contiguous()},
-        metadata={
-            "model": args.model,
-            "layers": ",".join(map(str, layers)),
-            "pooling": args.pooling,
-            "texts": "\n".join(texts),
-        },
-    )
-    print(
-        f"vectors (L={len(layers)}, B={len(texts)}, D={vectors.shape[-1]}) "
-        f"at layers {','.join(map(str, layers))} -> {args.out}"
-    )
-    sys.stdout.flush()
-    return 0

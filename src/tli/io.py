@@ -45,20 +45,26 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success.
 
     The temporary file is named ``.NAME.XXXX.tmp``: a process killed mid-write leaves at most
-    such a file behind, never a half-written ``NAME``. A failure of the file system (no space,
-    a directory in the way, no permission) is a TLIError naming ``path``.
+    such a file behind, never a half-written ``NAME``. A replaced file keeps its permissions; a
+    new one gets those of a plain ``open()``. A failure of the file system (no space, a
+    directory in the way, no permission) is a TLIError naming ``path``.
     """
     path = Path(path)
-    ensure_dir(path.parent if str(path.parent) else Path("."))
+    try:
+        ensure_dir(path.parent if str(path.parent) else Path("."))
+    except TLIError as err:
+        raise TLIError(f"{path}: cannot write: {err}") from None
     if path.is_dir():
         raise TLIError(f"{path}: is a directory, cannot write a file there")
     try:
+        perms = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~current_umask()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     except OSError as err:
         raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
     try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~current_umask())
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would
+        # (or those of the file it replaces).
+        os.chmod(tmp, perms)
         with os.fdopen(fd, mode, **kwargs) as handle:
             yield handle
             _sync(handle, path)
@@ -90,8 +96,8 @@ def _replace(tmp: str, path: Path) -> None:
 def is_leftover(name: str) -> bool:
     """Whether a file or folder name is a temporary that a killed tli process left behind.
 
-    Atomic writes go through hidden temporaries: ``.NAME.XXXX.tmp`` files (:func:`atomic_open`,
-    ``tli.pairs.write_pairs``) and ``.NAME.tmp-XXXX`` / ``.NAME.old`` folders (adapters, which
+    Atomic writes go through hidden temporaries: ``.NAME.XXXX.tmp`` files (:func:`atomic_open`)
+    and ``.NAME.tmp-XXXX`` / ``.NAME.old`` folders (adapters, which
     are replaced as whole folders). None of them is ever a result.
     """
     return name.startswith(".") and (
@@ -135,6 +141,17 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
 def atomic_write_json(path: Path | str, obj: Any) -> None:
     """Write JSON atomically (indented, keys in insertion order, NaN/inf as null)."""
     atomic_write_text(path, json.dumps(_finite(obj), indent=2, ensure_ascii=False) + "\n")
+
+
+def nan_from_null(obj: Any) -> Any:
+    """JSON ``null`` (a NaN or infinity when written, see :func:`atomic_write_json`) back to NaN."""
+    if obj is None:
+        return float("nan")
+    if isinstance(obj, dict):
+        return {k: nan_from_null(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [nan_from_null(v) for v in obj]
+    return obj
 
 
 def _finite(obj: Any) -> Any:

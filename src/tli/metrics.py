@@ -24,6 +24,9 @@ import torch
 from tli.errors import TLIError
 
 Ties = Literal["pessimistic", "optimistic"]
+#: The retrieval variants (direction_method) of every P@1 figure and McNemar test.
+RETRIEVALS: tuple[str, ...] = ("s2t_nn", "s2t_csls", "t2s_nn", "t2s_csls")
+Retrieval = Literal["s2t_nn", "s2t_csls", "t2s_nn", "t2s_csls"]
 
 
 def normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -423,3 +426,154 @@ def alignment_summary(
                 metric, method = key.rsplit("_", 1)
                 out[f"{metric}_{direction}_{method}"] = value
     return {key: value.tolist() for key, value in out.items()}
+
+
+# --- paired comparisons (before vs. after) ---------------------------------------------------
+
+def margin_rows(sim: torch.Tensor, gold: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The margin split into per-query rows, so that a resample of queries is a weighted sum.
+
+    ``margin = mean(pair) - sum(row_sum) / sum(row_count)``: row i holds its translation-pair
+    cosine, the sum of its mismatched cosines (every candidate j with ``gold[i, j]`` False) and
+    their number (as :func:`alignment_summary` computes the baseline).
+
+    Args:
+        sim: Cosines ``(..., B, B)`` of source i with target j.
+        gold: Bool mask ``(B, B)`` of correct candidates (diagonal plus alternatives).
+
+    Returns:
+        ``(pair, row_sum, row_count)``, float64 ``(..., B)`` each.
+    """
+    sim = sim.to(torch.float64)
+    off = ~gold.to(sim.device)  # (B, B)
+    pair = sim.diagonal(dim1=-2, dim2=-1)  # (..., B)
+    row_sum = (sim * off).sum(dim=-1)  # (..., B)
+    row_count = off.sum(dim=-1).to(torch.float64).expand_as(row_sum)  # (..., B)
+    return pair, row_sum, row_count
+
+
+def resample_indices(b: int, n_boot: int, seed: int) -> torch.Tensor:
+    """The bootstrap's resamples of ``b`` queries: ``(n_boot, b)`` indices, seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(b, (n_boot, b), generator=gen)  # (n_boot, B)
+
+
+def paired_margin_bootstrap(
+    pre_sim: torch.Tensor,
+    post_sim: torch.Tensor,
+    gold: torch.Tensor,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, torch.Tensor]:
+    """Paired percentile bootstrap of the change of pair cosine, baseline and margin.
+
+    Each resample draws B queries with replacement (:func:`resample_indices`) and recomputes
+    the mean pair cosine, the mismatched baseline (resampled query rows against all candidates,
+    as :func:`margin_ci`) and the margin, *before and after on the same resample*, so
+    the interval is that of the paired change, not of two independent margins. The same
+    resamples serve every leading index (layer).
+
+    Args:
+        pre_sim: Cosines ``(..., B, B)`` before (source i with target j).
+        post_sim: Cosines ``(..., B, B)`` after, same pairs.
+        gold: Bool mask ``(B, B)`` of correct candidates.
+        n_boot: Number of resamples.
+        seed: Seed of the resamples.
+        level: Coverage of the intervals, in (0, 1).
+
+    Returns:
+        Float64 ``(...,)`` tensors: ``pair_change``, ``baseline_change``, ``margin_change``
+        (observed, post - pre) and ``<name>_lo`` / ``<name>_hi`` for each.
+    """
+    if pre_sim.shape != post_sim.shape:
+        raise ValueError(f"pre and post differ in shape: {pre_sim.shape} vs {post_sim.shape}")
+    if n_boot < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_boot >= 1 and 0 < level < 1, got {n_boot}, {level}")
+    b = pre_sim.shape[-1]
+    idx = resample_indices(b, n_boot, seed)
+    weights = (
+        torch.zeros(n_boot, b, dtype=torch.float64)
+        .scatter_add_(1, idx, torch.ones(n_boot, b, dtype=torch.float64))
+        .T.to(pre_sim.device)
+    )  # (B, n_boot): multiplicity of each query in each resample
+
+    def parts(sim: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pair, row_sum, row_count = margin_rows(sim, gold)
+        observed = (pair.mean(-1), row_sum.sum(-1) / row_count.sum(-1))  # (...,) each
+        boot = (pair @ weights / b, (row_sum @ weights) / (row_count @ weights))  # (..., n_boot)
+        return observed, boot
+
+    (pair0, base0), (pair0_b, base0_b) = parts(pre_sim)
+    (pair1, base1), (pair1_b, base1_b) = parts(post_sim)
+    alpha = (1 - level) / 2
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64, device=pre_sim.device)
+    out: dict[str, torch.Tensor] = {}
+    for name, observed, boot in (
+        ("pair_change", pair1 - pair0, pair1_b - pair0_b),
+        ("baseline_change", base1 - base0, base1_b - base0_b),
+        (
+            "margin_change",
+            (pair1 - base1) - (pair0 - base0),
+            (pair1_b - base1_b) - (pair0_b - base0_b),
+        ),
+    ):
+        lo, hi = torch.quantile(boot, q, dim=-1)
+        out[name], out[f"{name}_lo"], out[f"{name}_hi"] = observed, lo, hi
+    return out
+
+
+def top1_hits(src: torch.Tensor, tgt: torch.Tensor, gold: torch.Tensor, csls_k: int) -> dict:
+    """Per-query top-1 hits ``(..., B)`` bool for every retrieval in :data:`RETRIEVALS`.
+
+    A hit is rank 1 with ties counted against the query (:func:`retrieval`), so the
+    hits average to the P@1 of :func:`alignment_summary`.
+    """
+    out = {}
+    for direction, (q, c, g) in (("s2t", (src, tgt, gold)), ("t2s", (tgt, src, gold.T))):
+        report = bli_report(q, c, g, csls_k=csls_k)
+        for method in ("nn", "csls"):
+            out[f"{direction}_{method}"] = report[f"rank_{method}"] == 1
+    return out
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A seeded random permutation of ``range(n)`` with no fixed point (n >= 2).
+
+    Neighbours in a word list are often related (the bundled lexicon is grouped by category),
+    so mismatched pairs are drawn at random rather than as (i, i + 1).
+    """
+    import random
+
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    for i in range(n):
+        if order[i] == i:  # swap with the next slot (or the first); keeps it a permutation
+            j = (i + 1) % n
+            order[i], order[j] = order[j], order[i]
+    return order
+
+
+def mismatched_change(
+    pre: tuple[torch.Tensor, torch.Tensor],
+    post: tuple[torch.Tensor, torch.Tensor],
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per-pair cosine change of mismatched pairs: source i with target ``perm(i)``.
+
+    The same seeded :func:`derangement` before and after, so each mismatched pair is compared
+    with itself. If these move as much as the translation pairs, a gain is collapse.
+
+    Args:
+        pre: ``(src, tgt)`` vectors ``(B, D)`` before; row i of tgt translates row i of src.
+        post: The same after.
+        seed: Seed of the derangement.
+
+    Returns:
+        Float64 ``(B,)``: post minus pre cosine of each mismatched pair.
+    """
+    perm = torch.tensor(derangement(pre[0].shape[0], seed))
+    before = pair_cosine(pre[0], pre[1][perm])  # (B,)
+    after = pair_cosine(post[0], post[1][perm])  # (B,)
+    return after - before

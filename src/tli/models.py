@@ -13,7 +13,6 @@ later loads take seconds. ``max_layer=L`` builds the model with the embeddings a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib
 import importlib.util
@@ -29,7 +28,8 @@ from typing import Any, Literal
 import torch
 
 from tli import surgery
-from tli.errors import TLIError
+from tli.config import check_one_of
+from tli.errors import TLIError, first_line
 from tli.io import expand_user
 
 log = logging.getLogger("tli")
@@ -106,8 +106,7 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise TLIError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_one_of("dtype", self.dtype, tuple(DTYPES))
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise TLIError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not str(self.name).strip():
@@ -227,17 +226,12 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise TLIError(f"model {name!r}: cannot load tokenizer: {_first_line(err)}") from None
+        raise TLIError(f"model {name!r}: cannot load tokenizer: {first_line(err)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TLIError(f"model {name!r}: tokenizer has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
     return tok
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def _quantization(cfg: ModelConfig) -> dict[str, Any]:
@@ -274,7 +268,7 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> tuple[str, Any
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise TLIError(f"model {name!r}: cannot load config: {_first_line(err)}") from None
+        raise TLIError(f"model {name!r}: cannot load config: {first_line(err)}") from None
     surgery.layout(config)  # unsupported architectures fail here, with the list of supported ones
     return path, config
 
@@ -317,7 +311,7 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
-        raise TLIError(f"model {cfg.name!r}: cannot load weights: {_first_line(err)}") from None
+        raise TLIError(f"model {cfg.name!r}: cannot load weights: {first_line(err)}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
@@ -334,23 +328,3 @@ def load_model(
 # --- command line -------------------------------------------------------------------------
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """The model options shared by the model-loading commands."""
-    from tli.config import add_dataclass_arguments
-
-    add_dataclass_arguments(p, ModelConfig, skip=("name",))
-    p.add_argument(
-        "--model",
-        help=f"embedded name ({', '.join(EMBEDDED)}), .gguf file, directory or hub id "
-        f"(default: {DEFAULT_MODEL})",
-    )
-
-
-def model_config_from_args(args: argparse.Namespace) -> Any:
-    """ModelConfig from ``--name``-style options (``--model`` is accepted for the name)."""
-    from tli.config import build, overrides_from_args
-
-    values = overrides_from_args(ModelConfig, args)
-    if getattr(args, "model", None):
-        values["name"] = args.model
-    return build(ModelConfig, values)

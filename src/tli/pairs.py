@@ -12,7 +12,6 @@ with any trained item.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -20,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from tli.errors import TLIError
+from tli.io import atomic_open
 
 log = logging.getLogger("tli")
 
@@ -36,6 +35,8 @@ log = logging.getLogger("tli")
 FORMATS = ("json", "jsonl", "csv", "tsv")
 #: Values of the ``split`` column.
 SPLITS = ("trained", "control")
+#: Default field (or column) names of the source word and its translation in pair files.
+SRC_KEY, TGT_KEY = "swahili", "english"
 #: Columns of the bundled lexicon and of files written by `write_pairs`, after the two keys.
 EXTRA_COLUMNS = ("alternatives", "pos", "category", "root", "is_stem", "split")
 #: Separator of several glosses in one ``alternatives`` (or ``root``) cell.
@@ -306,7 +307,7 @@ def _detect_format(path: Path, fmt: str | None) -> str:
 
 
 def parse_pairs(
-    data: bytes, name: str, fmt: str, *, src_key: str = "swahili", tgt_key: str = "english"
+    data: bytes, name: str, fmt: str, *, src_key: str = SRC_KEY, tgt_key: str = TGT_KEY
 ) -> list[Pair]:
     """Parse the bytes of a pair file; see `read_pairs`. ``name`` is used in messages."""
     try:
@@ -344,8 +345,8 @@ def parse_pairs(
 def read_pairs(
     path: str | os.PathLike[str],
     *,
-    src_key: str = "swahili",
-    tgt_key: str = "english",
+    src_key: str = SRC_KEY,
+    tgt_key: str = TGT_KEY,
     fmt: str | None = None,
 ) -> list[Pair]:
     """Read, validate and group a pair file.
@@ -416,8 +417,8 @@ def write_pairs(
     pairs: Iterable[Pair],
     path: str | os.PathLike[str],
     *,
-    src_key: str = "swahili",
-    tgt_key: str = "english",
+    src_key: str = SRC_KEY,
+    tgt_key: str = TGT_KEY,
 ) -> None:
     """Write pairs as TSV in the lexicon's layout, atomically (temp file, then rename)."""
     path = Path(path)
@@ -436,24 +437,8 @@ def write_pairs(
             p.split or "",
         )
         lines.append("\t".join(cells))
-    text = "\n".join(lines) + "\n"
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else None
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
+    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
+        handle.write("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,60 +669,110 @@ def check_sets(sets: Mapping[str, Sequence[Pair]], stage: str = "the scan") -> d
     return out
 
 
-def read_sets(
-    path: str | os.PathLike[str] | None,
-    control: str | os.PathLike[str] | None = None,
-    *,
-    src_key: str = "swahili",
-    tgt_key: str = "english",
-    stage: str = "the scan",
-) -> dict[str, list[Pair]]:
-    """The trained and control sets of a command line's ``--pairs`` / ``--control`` files.
+@dataclass
+class PairSets:
+    """The trained and control sets a command works on, and where they came from.
 
-    Without ``path``: the bundled lexicon and its split. A file's split column, if any, gives
-    both sets; ``--control`` then conflicts with it. Overlap between the sets is a warning.
+    Attributes:
+        trained: The trained set.
+        control: The control set (may be empty).
+        leaks: One line per control pair related to a trained pair (:func:`check_leakage`).
+        source: The pair file, or "the bundled lexicon".
+        control_source: The control file, if one was given.
+        how: How the sets were formed, in words (for summaries).
     """
-    if path is None:
-        found, name = load_lexicon(), "the bundled lexicon"
-    else:
-        found, name = read_pairs(path, src_key=src_key, tgt_key=tgt_key), str(path)
-    sets = split_sets(found)
-    if control is not None:
-        if sets["control"]:
-            raise TLIError(
-                f"{name} has its own control split and --control was given: use one or the other"
-            )
-        sets["control"] = read_pairs(control, src_key=src_key, tgt_key=tgt_key)
-        leaks = check_leakage(sets["trained"], sets["control"])
-        if leaks:
+
+    trained: list[Pair]
+    control: list[Pair]
+    leaks: list[str]
+    source: str
+    control_source: str | None = None
+    how: str = ""
+
+    @property
+    def where(self) -> str:
+        """The file(s) the sets came from, for messages."""
+        return self.source + (f" and {self.control_source}" if self.control_source else "")
+
+    def as_dict(self) -> dict[str, list[Pair]]:
+        """``{"trained": [...], "control": [...]}``."""
+        return {"trained": list(self.trained), "control": list(self.control)}
+
+    def warn_leakage(self) -> None:
+        """Log one warning when control pairs are related to trained ones (none otherwise)."""
+        if self.leaks:
             log.warning(
                 "%s: %d control item(s) overlap the trained set, e.g. %s",
-                control,
-                len(leaks),
-                leaks[0],
+                self.where,
+                len(self.leaks),
+                self.leaks[0],
             )
-    try:
-        checked = check_sets(sets, stage)
-    except TLIError as err:
-        where = f"{name} and {control}" if control is not None else name
-        raise TLIError(f"{where}: {err}") from None
-    if "control" not in checked:
-        log.warning("%s has no control set: %s covers the trained set only", name, stage)
-    return checked
 
 
-def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> None:
-    """``--pairs``, ``--control``, ``--src-key`` and ``--tgt-key``, as every stage takes them."""
-    p.add_argument(
-        "--pairs",
-        type=Path,
-        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if any, gives the sets "
-        "(default: the bundled lexicon and its split)",
+def load_sets(
+    file: str | os.PathLike[str] | None = None,
+    control: str | os.PathLike[str] | None = None,
+    *,
+    src_key: str = SRC_KEY,
+    tgt_key: str = TGT_KEY,
+    split_unsplit: bool = False,
+    resplit: bool = False,
+    control_fraction: float = 0.1,
+    split_seed: int = 0,
+) -> PairSets:
+    """The trained and control sets of ``--pairs`` / ``--control``: the one rule of every command.
+
+    1. The pairs come from ``file``, or the bundled lexicon (with its stored split).
+    2. With ``control``, the control set is every pair of that file and the trained set every
+       pair of ``file``; a ``file`` whose own split column marks control rows conflicts with it
+       (an error: use one or the other).
+    3. Otherwise, with ``resplit`` (or ``split_unsplit`` and a file without a split column),
+       tli's seeded leakage-free split (:func:`split_pairs`) forms the sets.
+    4. Otherwise the file's split column forms them; rows without a split are trained.
+
+    The leakage check (:func:`check_leakage`) runs on every path; its lines are returned, not
+    logged (:meth:`PairSets.warn_leakage` logs one summary).
+
+    Raises:
+        TLIError: A file cannot be read or parsed, or ``control`` conflicts with the file's split.
+    """
+    if file is None:
+        found, name = load_lexicon(), "the bundled lexicon"
+    else:
+        found, name = read_pairs(file, src_key=src_key, tgt_key=tgt_key), str(file)
+    has_split = any(p.split for p in found)
+    if control is not None:
+        sets = split_sets(found)
+        if sets["control"] and not resplit:
+            raise TLIError(
+                f"{name} has its own control split and --control ({control}) was given: use one "
+                "or the other"
+            )
+        trained = [replace(p, split="trained") for p in found]
+        held = [
+            replace(p, split="control")
+            for p in read_pairs(control, src_key=src_key, tgt_key=tgt_key)
+        ]
+        how = f"trained: every pair of {name}; control: every pair of {control}"
+    else:
+        if resplit or (split_unsplit and not has_split):
+            found = split_pairs(found, control_fraction=control_fraction, seed=split_seed)
+            how = (
+                f"tli's leakage-free split of {name} (control fraction {control_fraction}, "
+                f"seed {split_seed})"
+            )
+        else:
+            how = f"the split column of {name}" if has_split else f"every pair of {name} (trained)"
+        sets = split_sets(found)
+        trained, held = sets["trained"], sets["control"]
+    return PairSets(
+        trained=trained,
+        control=held,
+        leaks=check_leakage(trained, held),
+        source=name,
+        control_source=None if control is None else str(control),
+        how=how,
     )
-    if control:
-        p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
-    p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
-    p.add_argument("--tgt-key", default="english", help="target field (default: english)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -776,123 +811,3 @@ def token_counts(pairs: Sequence[Pair], tokenizer: Any) -> dict[str, tuple[float
     return out
 
 
-def _read_args(args: argparse.Namespace, path: str) -> list[Pair]:
-    return read_pairs(path, src_key=args.src_key, tgt_key=args.tgt_key, fmt=args.format)
-
-
-def _report_leaks(leaks: list[str], what: str) -> None:
-    print(f"leakage {what}: {len(leaks) or 'none'}")
-    for line in leaks[:20]:
-        print(f"  {line}")
-    if len(leaks) > 20:
-        print(f"  ... and {len(leaks) - 20} more")
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    pairs = _read_args(args, args.file)
-    print(f"{args.file}")
-    print(summarize(pairs))
-    print()
-    leaks: list[tuple[list[str], str]] = []
-    sets = split_sets(pairs)
-    if any(p.split is not None for p in pairs):
-        leaks.append(
-            (check_leakage(sets["trained"], sets["control"]), "between trained and control")
-        )
-    if args.against:
-        trained = split_sets(_read_args(args, args.against))["trained"]
-        leaks.append((check_leakage(trained, pairs), f"with {args.against}"))
-    if args.model:
-        from tli.models import load_tokenizer
-
-        counts = token_counts(pairs, load_tokenizer(args.model))
-        for side, key in (("source", args.src_key), ("target", args.tgt_key)):
-            mean, most = counts[side]
-            print(f"tokens per {key} entry ({args.model}): mean {mean:.2f}, max {most}")
-    for found, what in leaks:
-        _report_leaks(found, what)
-    total = sum(len(found) for found, _ in leaks)
-    if total and args.allow_overlap:
-        log.warning("%s: %d overlapping item(s), allowed by --allow-overlap", args.file, total)
-    elif total:
-        raise TLIError(
-            f"{args.file}: {total} overlapping item(s) between trained and control "
-            "(listed above; use --allow-overlap to accept)"
-        )
-    return 0
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1): {text}")
-    return value
-
-
-def _cmd_split(args: argparse.Namespace) -> int:
-    pairs = _read_args(args, args.file)
-    split = split_pairs(pairs, control_fraction=args.control_fraction, seed=args.seed)
-    sets = split_sets(split)
-    if args.control_fraction > 0 and not sets["control"]:
-        raise TLIError(
-            f"{args.file}: {len(pairs)} pair(s) leave no control pair at --control-fraction "
-            f"{args.control_fraction} (each category holds out round(fraction x its size)); "
-            "give more pairs or a larger fraction"
-        )
-    write_pairs(split, args.out, src_key=args.src_key, tgt_key=args.tgt_key)
-    print(
-        f"wrote {args.out}: {len(sets['trained'])} trained, {len(sets['control'])} control "
-        f"(seed {args.seed}, control fraction {args.control_fraction})"
-    )
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    """Add ``tli pairs check`` and ``tli pairs split``."""
-    parser = subparsers.add_parser(
-        "pairs",
-        help="check and split word-pair files",
-        description="Read, validate, summarise and split word-pair files.",
-    )
-    sub = parser.add_subparsers(dest="pairs_command", metavar="ACTION", required=True)
-
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", metavar="FILE", help="pair file (.json, .jsonl, .csv, .tsv)")
-        p.add_argument("--src-key", default="swahili", help="source field (default: swahili)")
-        p.add_argument("--tgt-key", default="english", help="target field (default: english)")
-        p.add_argument("--format", choices=FORMATS, help="file format (default: by extension)")
-
-    check = sub.add_parser(
-        "check",
-        help="validate a pair file, summarise it and check for train/control leakage",
-        description="Validate FILE and print a summary. Leakage between its trained and "
-        "control sets, or (--against) between FILE and the trained set of TRAINED, is an "
-        "error unless --allow-overlap. Exit code 0 when clean, 2 on an error.",
-    )
-    common(check)
-    check.add_argument("--against", metavar="TRAINED", help="trained pair file; FILE is control")
-    check.add_argument(
-        "--allow-overlap", action="store_true", help="report leakage as a warning, not an error"
-    )
-    check.add_argument("--model", metavar="M", help="also count tokens per entry with M")
-    check.set_defaults(func=_cmd_check)
-
-    split = sub.add_parser(
-        "split",
-        help="split a pair file into trained/control without leakage",
-        description="Write FILE with its split column filled: a seeded split, stratified by "
-        "category, with no shared headword, root, stem or gloss across the sets.",
-    )
-    common(split)
-    split.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    split.add_argument(
-        "--control-fraction",
-        type=_fraction,
-        default=0.1,
-        help="share of each category held out as control (default: 0.1)",
-    )
-    split.add_argument("--out", required=True, metavar="OUT.tsv", help="output TSV (may be FILE)")
-    split.set_defaults(func=_cmd_split)

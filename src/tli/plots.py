@@ -7,16 +7,16 @@ written atomically; matplotlib runs on the Agg backend and every figure is close
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
+import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tli.errors import TLIError
+from tli.errors import TLIError, first_line
 
 if TYPE_CHECKING:
     from tli.scan import ScanResult
@@ -39,16 +39,11 @@ def _reading(path: str | os.PathLike[str]) -> Iterator[None]:
     except FileNotFoundError:
         raise TLIError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
-        raise TLIError(f"{path}: cannot read: {_first_line(err)}") from None
+        raise TLIError(f"{path}: cannot read: {first_line(err)}") from None
     except (KeyError, IndexError, TypeError, ValueError, csv.Error) as err:
         raise TLIError(
-            f"{path}: not a tli result or damaged ({type(err).__name__}: {_first_line(err)})"
+            f"{path}: not a tli result or damaged ({type(err).__name__}: {first_line(err)})"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def _pyplot() -> Any:
@@ -317,17 +312,16 @@ def plot_tsne(
 
 def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Per-layer pair cosine, mismatched baseline and P@1, before and after, for each set."""
-    import json
+    from tli.evaluate import EvalResult
 
-    source = Path(eval_dir) / "evaluation.json"
-    with _reading(source):
-        data = json.loads(source.read_text(encoding="utf-8"))
-        layers = [int(x) for x in data["layers"]]
-        names = list(data["sets"])
+    result = EvalResult.load(eval_dir)
+    layers = result.layers
+    names = list(result.sets)
+    with _reading(Path(eval_dir) / "evaluation.json"):
         for name in names:
             for when in ("pre", "post"):
                 for key in ("pair_mean", "baseline", "p_at_1_s2t_nn"):
-                    if len(data["sets"][name][when][key]) != len(layers):
+                    if len(result.sets[name][when][key]) != len(layers):
                         raise ValueError(f"{name}.{when}.{key} does not have one value per layer")
         if not names:
             raise ValueError("no sets")
@@ -336,7 +330,7 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
         2, len(names), figsize=(5.5 * len(names), 7), squeeze=False, sharex=True
     )
     for col, name in enumerate(names):
-        figs = data["sets"][name]
+        figs = result.sets[name]
         top, bottom = axes[0][col], axes[1][col]
         for when, style in (("pre", "--"), ("post", "-")):
             top.plot(
@@ -364,8 +358,8 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
         if chance:
             bottom.plot(layers, chance, ":", color="0.6", label="chance")
         for ax in (top, bottom):
-            if data.get("target_layer") is not None:
-                ax.axvline(data["target_layer"], color="red", ls="--", lw=0.8)
+            if result.target_layer is not None:
+                ax.axvline(result.target_layer, color="red", ls="--", lw=0.8)
             ax.grid(alpha=0.3)
         top.set_title(f"{name} (N = {figs['n']})")
         top.set_ylabel("cosine")
@@ -377,46 +371,6 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
     return _save(fig, path)
 
 
-def derangement(n: int, seed: int = 0) -> list[int]:
-    """A seeded random permutation of ``range(n)`` with no fixed point (n >= 2).
-
-    Neighbours in a word list are often related (the bundled lexicon is grouped by category),
-    so mismatched pairs are drawn at random rather than as (i, i + 1).
-    """
-    import random
-
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    for i in range(n):
-        if order[i] == i:  # swap with the next slot (or the first); keeps it a permutation
-            j = (i + 1) % n
-            order[i], order[j] = order[j], order[i]
-    return order
-
-
-def mismatched_change(eval_dir: str | os.PathLike[str], seed: int = 0) -> dict[str, Any]:
-    """Per-pair final-layer cosine change of mismatched pairs (source i, target perm(i))."""
-    import torch
-
-    from tli.evaluate import load_vectors
-
-    tensors, meta = load_vectors(eval_dir)
-    out = {}
-    with _reading(Path(eval_dir) / "vectors.safetensors"):
-        final = int(meta["final_layer"])
-        for name in meta["pairs"]:
-            cos = {}
-            perm = None
-            for when in ("pre", "post"):
-                src = tensors[f"{name}.{when}.source.layer{final}"]
-                if perm is None:
-                    perm = torch.tensor(derangement(src.shape[0], seed))
-                tgt = tensors[f"{name}.{when}.target.layer{final}"][perm]
-                cos[when] = torch.nn.functional.cosine_similarity(src, tgt, dim=-1)
-            out[name] = (cos["post"] - cos["pre"]).numpy()
-    return out
-
-
 def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
     """Histogram of the per-pair final-layer cosine change: trained, control and mismatched.
 
@@ -424,18 +378,21 @@ def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathL
     """
     import numpy as np
 
-    source = Path(eval_dir) / "pairs.csv"
-    with _reading(source):
-        with source.open(encoding="utf-8", newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows:
-            raise ValueError("no rows")
-        final = max(int(r["layer"]) for r in rows)
-        changes: dict[str, list[float]] = {}
-        for r in rows:
-            if int(r["layer"]) == final:
-                changes.setdefault(r["set"], []).append(float(r["change"]))
-    mismatched = np.concatenate(list(mismatched_change(eval_dir).values()))
+    from tli.evaluate import EvalResult
+
+    result = EvalResult.load(eval_dir)
+    final = result.num_layers
+    i = result.index(final)
+    changes = {
+        name: result.cosines[name]["post"][i] - result.cosines[name]["pre"][i]
+        for name in result.sets
+    }
+    with _reading(Path(eval_dir) / "evaluation.json"):
+        if not changes:
+            raise ValueError("no sets")
+        if not result.mismatched:
+            raise ValueError("no mismatched_change (an evaluation of an older tli)")
+        mismatched = np.concatenate([np.asarray(v) for v in result.mismatched.values()])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     series = {f"{k} pairs": np.asarray(v) for k, v in changes.items()}
@@ -480,7 +437,7 @@ def draw_run_figures(
     run_dir: str | os.PathLike[str], *, n_pairs: int = 40, seed: int = 0
 ) -> list[Path]:
     """Draw every figure of a run directory into ``figures/`` from its saved results."""
-    from tli.evaluate import EvalResult
+    from tli.evaluate import EvalResult, load_vectors
     from tli.io import ensure_dir
     from tli.scan import ScanResult
 
@@ -491,7 +448,7 @@ def draw_run_figures(
     scan = ScanResult.load(root / "scan") if (root / "scan" / "scan.json").is_file() else None
     if has_eval:
         EvalResult.load(eval_dir)
-        mismatched_change(eval_dir)
+        load_vectors(eval_dir)
     out = ensure_dir(root / "figures")
     written = []
     if scan is not None:
@@ -505,52 +462,47 @@ def draw_run_figures(
     return written
 
 
-def redraw(directory: str | os.PathLike[str]) -> list[Path]:
-    """Redraw every figure whose results a directory holds; return the files written.
-
-    A run directory (``config.toml`` and ``scan/`` or ``eval/``) gets all its figures redrawn
-    into ``figures/`` (with the sample settings recorded in its config); a scan directory gets
-    ``scan.png`` redrawn beside its ``scan.json``.
-    """
-    from tli.scan import JSON_NAME, PNG_NAME, ScanResult
-
-    root = Path(directory)
-    if not root.is_dir():
-        raise TLIError(
-            f"{root}: no such directory" if not root.exists() else f"{root}: not a directory"
-        )
-    if (root / "config.toml").is_file() and ((root / "scan").is_dir() or (root / "eval").is_dir()):
-        from tli.run import load_run_config
-
-        figs = load_run_config(root / "config.toml").figures
-        written = draw_run_figures(root, n_pairs=figs.tsne_pairs, seed=figs.seed)
-        if written:
-            return written
-    written: list[Path] = []
-    for folder in (root, root / "scan"):
-        if (folder / JSON_NAME).is_file():
-            written.append(plot_scan(ScanResult.load(folder), folder / PNG_NAME))
-    if not written:
-        raise TLIError(f"{root}: no results to plot (expected {JSON_NAME} or scan/{JSON_NAME})")
-    return written
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli plot``."""
-    p = sub.add_parser(
-        "plot",
-        help="redraw the figures of a results directory",
-        description="Redraw every figure from the saved results in DIR (no model is loaded): "
-        "scan.png from scan.json.",
+def plot_sweep_heatmap(
+    summary: Sequence[Mapping[str, Any]], axes: Sequence[str], metric: str, path: Path
+) -> Path:
+    """A sweep's mean ``metric`` per first axis (rows) and the remaining non-seed axes (columns).
+
+    Args:
+        summary: The ranked rows of :func:`tli.sweep.summarise` (saved in ``sweep.json``).
+        axes: The grid's axes, in order.
+        metric: The figure shown.
+        path: Where to write the PNG.
+    """
+    from tli.tables import label as _label
+
+    plt = _pyplot()
+
+    group_axes = [a for a in axes if a != "seed"]
+    row_axis, col_axes = (group_axes[0], group_axes[1:]) if group_axes else ("", [])
+    rows = list(dict.fromkeys(_label(r["axes"].get(row_axis, "")) for r in summary))
+    cols = list(
+        dict.fromkeys(
+            ", ".join(f"{a}={_label(r['axes'][a])}" for a in col_axes) or "-" for r in summary
+        )
     )
-    p.add_argument("directory", type=Path, metavar="DIR", help="a scan or run directory")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    for path in redraw(args.directory):
-        print(f"wrote {path}")
-    return 0
+    grid = [[math.nan] * len(cols) for _ in rows]
+    for r in summary:
+        i = rows.index(_label(r["axes"].get(row_axis, "")))
+        j = cols.index(", ".join(f"{a}={_label(r['axes'][a])}" for a in col_axes) or "-")
+        grid[i][j] = r[metric][0]
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols), 1.2 + 0.6 * len(rows)))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if not math.isnan(grid[i][j]):
+                ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="w")
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_ylabel(row_axis)
+    ax.set_title(f"control {metric} (mean over seeds)")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)

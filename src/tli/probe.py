@@ -35,31 +35,27 @@ A probe directory holds::
 
 from __future__ import annotations
 
-import argparse
-import copy
-import inspect
 import json
 import logging
 import math
 import os
 import random
 import string
-import sys
 import time
 import unicodedata
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
+from tli.adapters import attached, check_adapter, check_base, is_identity, model_facts, read_adapter
+from tli.config import check_int
 from tli.errors import TLIError
-from tli.pairs import add_pair_arguments
+from tli.generate import generate, generate_answers
+from tli.io import ensure_dir, nan_from_null
 
 log = logging.getLogger("tli")
 
@@ -86,7 +82,7 @@ _PROBE_NEEDS = {
 }
 _HEADER_FIELDS = frozenset({"in_lang", "out_lang"})
 #: The template fields; on the command line a literal backslash-n in them is a line break.
-_TEXT_FIELDS = (*(f"template_{name}" for name in _PROBE_NEEDS), "score_header", "score_shot")
+TEXT_FIELDS = (*(f"template_{name}" for name in _PROBE_NEEDS), "score_header", "score_shot")
 _SHOT_FIELDS = frozenset({"in_lang", "out_lang", "word", "answer"})
 
 
@@ -177,11 +173,8 @@ class ProbeConfig:
             ("score_max_new_tokens", 1),
             ("batch_size", 1),
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise TLIError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TLIError(f"seed must be an integer, got {self.seed!r}")
+            check_int(name, getattr(self, name), low)
+        check_int("seed", self.seed)
         templates = tuple(self.templates)
         object.__setattr__(self, "templates", templates)
         unknown = [t for t in templates if t not in TEMPLATES]
@@ -541,368 +534,6 @@ def score_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dic
 # --- generation -------------------------------------------------------------------------------
 
 
-@contextmanager
-def left_padding(tokenizer: Any) -> Iterator[Any]:
-    """The tokenizer padding on the left (as generation needs) for the block; restored after."""
-    before = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        yield tokenizer
-    finally:
-        tokenizer.padding_side = before
-
-
-def _first_line_done(text: str) -> bool:
-    """Whether a continuation already holds its whole first non-blank line."""
-    return "\n" in text.lstrip() or "\r" in text.lstrip()
-
-
-def _first_line_criterion(tokenizer: Any, prompt_len: int) -> Any:
-    """Stopping criterion: a row is done once its first non-blank line is complete.
-
-    Only :func:`extract_answer`'s line is used, and greedy decoding of one row does not depend on
-    when another row stops, so stopping early changes no answer; it only saves decoding steps.
-    """
-    from transformers import StoppingCriteria
-
-    class FirstLine(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-            texts = tokenizer.batch_decode(input_ids[:, prompt_len:], skip_special_tokens=True)
-            done = [_first_line_done(t) for t in texts]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # (B,)
-
-    return FirstLine()
-
-
-def _generation_config(model: Any, tokenizer: Any, max_new_tokens: int) -> Any:
-    """Greedy decoding; sampling settings of the model's own config are neutralised."""
-    from transformers import GenerationConfig
-
-    own = getattr(model, "generation_config", None)
-    eos = getattr(own, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        temperature=1.0,
-        top_k=50,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        bos_token_id=tokenizer.bos_token_id,
-        use_cache=True,
-    )
-
-
-def _forward_parameters(model: Any) -> Any:
-    """The parameters of the forward method of ``model`` (of its base model, for peft)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inspect.signature(base.forward).parameters
-
-
-def _cache_keyword(model: Any) -> str:
-    """How forward() and generate() name the KV cache: ``cache`` or (older) ``past_key_values``."""
-    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
-
-
-def _prefix_cache(model: Any, ids: list[int], device: Any) -> Any:
-    """The KV cache of one token sequence (batch 1), computed without the LM head's full output."""
-    extra = {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
-    input_ids = torch.tensor([ids], device=device)  # (1, T)
-    with torch.inference_mode():
-        out = model(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            use_cache=True,
-            **extra,
-        )
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def _sliding_window(model: Any) -> int | None:
-    """The model's sliding attention window (Gemma 2/3, Mistral), or None (full attention)."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    window = getattr(text, "sliding_window", None)
-    return int(window) if isinstance(window, int) and window > 0 else None
-
-
-def _pad_between(
-    prefix: list[int], rests: Sequence[list[int]], pad: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and attention mask ``(B, T)``: the prefix, left padding, then each rest."""
-    n_pre, width = len(prefix), max(len(r) for r in rests)
-    ids = torch.full((len(rests), n_pre + width), pad, dtype=torch.long)  # (B, T)
-    mask = torch.zeros_like(ids)  # (B, T)
-    ids[:, :n_pre] = torch.tensor(prefix)
-    mask[:, :n_pre] = 1
-    for row, rest in enumerate(rests):
-        ids[row, n_pre + width - len(rest) :] = torch.tensor(rest)
-        mask[row, n_pre + width - len(rest) :] = 1
-    return ids, mask
-
-
-def _generate_batch(
-    model: Any,
-    tokenizer: Any,
-    input_ids: torch.Tensor,
-    mask: torch.Tensor,
-    config: Any,
-    first_line: bool,
-    cache: Any = None,
-) -> list[tuple[str, bool]]:
-    """One ``model.generate`` call: per row the decoded continuation and whether it ended (EOS)."""
-    from transformers import StoppingCriteriaList
-
-    prompt_len = input_ids.shape[1]
-    stop = (
-        StoppingCriteriaList([_first_line_criterion(tokenizer, prompt_len)]) if first_line else None
-    )
-    extra = {_cache_keyword(model): cache} if cache is not None else {}
-    with torch.inference_mode():
-        seq = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            generation_config=config,
-            stopping_criteria=stop,
-            **extra,
-        )  # (B, T + new)
-    new_ids = seq[:, prompt_len:]  # (B, new)
-    eos = config.eos_token_id
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    eos_ids = torch.tensor(eos, dtype=new_ids.dtype, device=seq.device)
-    ended = torch.isin(new_ids, eos_ids).any(dim=1).tolist()  # (B,)
-    texts = tokenizer.batch_decode(new_ids, skip_special_tokens=True)
-    return list(zip(texts, ended, strict=True))
-
-
-def _generate_all(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 64,
-    first_line: bool = False,
-    prefix_chars: Sequence[int] | None = None,
-) -> list[tuple[str, bool]]:
-    """:func:`generate`, with per prompt whether generation ended with EOS."""
-    if not prompts:
-        return []
-    if prefix_chars is not None and len(prefix_chars) != len(prompts):
-        raise ValueError(f"{len(prefix_chars)} prefix lengths for {len(prompts)} prompts")
-    device = next(model.parameters()).device
-    config = _generation_config(model, tokenizer, max_new_tokens)
-    out: list[tuple[str, bool]] = [("", False)] * len(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    window = _sliding_window(model)
-    with left_padding(tokenizer):
-        full = tokenizer(list(prompts))["input_ids"]
-        plain: list[int] = []
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, prompt in enumerate(prompts):
-            k = prefix_chars[i] if prefix_chars is not None else 0
-            if k > 0:
-                groups[prompt[:k]].append(i)
-            else:
-                plain.append(i)
-        for prefix, members in groups.items():
-            if len(members) < 2:
-                plain += members
-                continue
-            p_ids = tokenizer(prefix)["input_ids"]
-            n_pre = len(p_ids)
-            shared = []
-            for i in members:
-                if len(full[i]) > n_pre and full[i][:n_pre] == p_ids:
-                    shared.append(i)
-                else:
-                    plain.append(i)
-            if not shared:
-                continue
-            cache = _prefix_cache(model, p_ids, device)
-            shared.sort(key=lambda i: (-len(full[i]), i))
-            for start in range(0, len(shared), batch_size):
-                chunk = shared[start : start + batch_size]
-                longest = len(full[chunk[0]])
-                if window is None or longest + max_new_tokens <= window:
-                    batches = [chunk]
-                else:  # padding would take room in the sliding window: one length per batch
-                    lengths: dict[int, list[int]] = defaultdict(list)
-                    for i in chunk:
-                        lengths[len(full[i])].append(i)
-                    batches = list(lengths.values())
-                for idx in batches:
-                    ids, mask = _pad_between(p_ids, [full[i][n_pre:] for i in idx], pad)
-                    rows_cache = copy.deepcopy(cache)
-                    rows_cache.batch_repeat_interleave(len(idx))
-                    results = _generate_batch(
-                        model,
-                        tokenizer,
-                        ids.to(device),
-                        mask.to(device),
-                        config,
-                        first_line,
-                        rows_cache,
-                    )
-                    for i, result in zip(idx, results, strict=True):
-                        out[i] = result
-        plain.sort(key=lambda i: (-len(full[i]), i))
-        for start in range(0, len(plain), batch_size):
-            idx = plain[start : start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
-            results = _generate_batch(
-                model,
-                tokenizer,
-                enc["input_ids"].to(device),  # (B, T)
-                enc["attention_mask"].to(device),  # (B, T)
-                config,
-                first_line,
-            )
-            for i, result in zip(idx, results, strict=True):
-                out[i] = result
-    return out
-
-
-def generate(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 64,
-    first_line: bool = False,
-    prefix_chars: Sequence[int] | None = None,
-) -> list[str]:
-    """Greedy continuations of many prompts: batched, left-padded, with the KV cache.
-
-    Prompts are grouped by token length (longest first) to waste little on padding; the
-    results come back in input order. The tokenizer pads on the left during the call whatever
-    its own setting (:func:`left_padding`), and adds its special tokens (BOS) as it does in
-    training and evaluation.
-
-    With ``prefix_chars``, prompts that start with the same text (a few-shot header and shots)
-    share its KV cache: each distinct prefix is run once, its cache is copied into every batch
-    of prompts that start with it, and only the rest of each prompt is run. In such a batch the
-    rests are padded on their left, between the prefix and the rest, and the padding is masked
-    (positions follow the attention mask, so every real token keeps its position); where that
-    padding would take room in a sliding attention window (Gemma 2/3 prompts longer than the
-    window), a batch holds prompts of one length instead and needs no padding. The tokens
-    are those of the whole prompt, cut after the prefix's own tokens; a prompt whose tokens do
-    not start with them (a token spanning the boundary) goes the plain way. The continuations
-    are the plain way's up to floating-point rounding.
-
-    Args:
-        model: A causal LM (a peft model too).
-        tokenizer: Its tokenizer; needs a pad token (:func:`tli.models.load_tokenizer` sets one).
-        prompts: The prompts.
-        max_new_tokens: Most tokens generated per prompt.
-        batch_size: Prompts per ``generate`` call.
-        first_line: Stop a row once its first non-blank line is complete (scoring).
-        prefix_chars: Per prompt, the length in characters of its shared prefix (0: none).
-
-    Returns:
-        One decoded continuation per prompt (special tokens dropped).
-    """
-    results = _generate_all(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        first_line=first_line,
-        prefix_chars=prefix_chars,
-    )
-    return [text for text, _ in results]
-
-
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int = 64,
-    prefix_chars: Sequence[int] | None = None,
-) -> list[tuple[str, bool]]:
-    """Greedy answers: :func:`generate` stopping at the first line, and whether it is whole.
-
-    Returns:
-        Per prompt ``(continuation, complete)``: ``complete`` is False when the token limit
-        cut the first non-blank line before it ended (no line break, no EOS). Such a line may
-        be a prefix of a longer answer, so scoring counts it as a miss.
-    """
-    results = _generate_all(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        first_line=True,
-        prefix_chars=prefix_chars,
-    )
-    return [(text, ended or _first_line_done(text)) for text, ended in results]
-
-
-@contextmanager
-def attached(loaded: Any, info: Any) -> Iterator[Any]:
-    """The loaded model with the adapter attached (not merged) for the block; removed after.
-
-    peft injects the LoRA layers into ``loaded.model`` in place; on exit ``unload()`` puts the
-    original layers back, so ``loaded.model`` is exactly the base model again.
-
-    Raises:
-        TLIError: peft cannot load the adapter, or the adapter holds weights for modules its
-            own config does not inject (it would be applied only in part).
-    """
-    from peft import PeftModel
-
-    from tli.evaluate import ADAPTER_CONFIG
-
-    try:
-        with warnings.catch_warnings():
-            # peft 0.21 calls a transformers 5 API that warns of its own deprecation.
-            warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
-            peft_model = PeftModel.from_pretrained(loaded.model, str(info.dir), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
-        line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise TLIError(
-            f"adapter {info.dir}: cannot be loaded onto {loaded.name!r}: {line}"
-        ) from None
-    try:
-        injected = {
-            name
-            for name, module in peft_model.get_base_model().named_modules()
-            if "default" in getattr(module, "lora_A", {})
-        }
-        unused = sorted(set(info.modules) - injected)
-        if unused:
-            raise TLIError(
-                f"adapter {info.dir}: weights for {len(unused)} module(s) (e.g. {unused[0]}) are "
-                f"not used by its {ADAPTER_CONFIG}; the adapter would be probed only in part"
-            )
-        peft_model.eval()
-        yield peft_model
-    finally:
-        peft_model.unload()
-
-
-def _identity_adapter(info: Any) -> bool:
-    """Whether every LoRA B matrix of the adapter is zero (the adapter changes nothing)."""
-    from safetensors import safe_open
-
-    from tli.evaluate import ADAPTER_WEIGHTS
-
-    with safe_open(str(info.dir / ADAPTER_WEIGHTS), "pt") as f:
-        keys = [k for k in f.keys() if ".lora_B" in k]
-        return bool(keys) and all(not bool(f.get_tensor(k).any()) for k in keys)
-
-
 # --- the result -------------------------------------------------------------------------------
 
 
@@ -983,7 +614,7 @@ class ProbeResult:
                 adapter=dict(data["adapter"]),
                 rows=list(data["rows"]),
                 items=list(scores.get("items", [])),
-                scores=[_nan_from_null(s) for s in scores.get("scores", [])],
+                scores=[nan_from_null(s) for s in scores.get("scores", [])],
                 warnings=list(data.get("warnings", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
             )
@@ -999,101 +630,21 @@ class ProbeResult:
 
     def probe_markdown(self) -> str:
         """``probe.md``: one table row per prompt."""
-        data = self.probe_json()
-        lines = [
-            f"# Probe: {self.model.get('name', '?')} with adapter `{self.adapter.get('dir', '?')}`",
-            "",
-            f"Greedy decoding, at most {self.config.max_new_tokens} new tokens; the same prompt "
-            f"for both models. The tuned output differs from the base output in "
-            f"{data['n_changed']} of {data['n_prompts']} prompts.",
-            "",
-            "| set | template | prompt | base output | tuned output |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for r in self.rows:
-            mark = "" if r["base"] != r["tuned"] else " (same)"
-            lines.append(
-                f"| {r['set']} | {r['template']} | {_cell(r['prompt'])} | {_cell(r['base'])} | "
-                f"{_cell(r['tuned'])}{mark} |"
-            )
-        if self.warnings:
-            lines += ["", "## Warnings", "", *[f"- {w}" for w in self.warnings]]
-        return "\n".join(lines) + "\n"
+        from tli.tables import probe_markdown
+
+        return probe_markdown(self)
 
     def score_table(self) -> str:
         """The scores as a Markdown table: one row per set and direction."""
-        from tli.stats import format_p
+        from tli.tables import score_table
 
-        lines = [
-            "| set | direction | n | exact base | exact tuned | change | lost | gained | "
-            "McNemar p | chrF base | chrF tuned | chrF change |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for s in self.scores:
-            lines.append(
-                f"| {s['set']} | {self.direction_name(s['direction'])} | {s['n']} | "
-                f"{_share(s['base'], s['n'])} | {_share(s['tuned'], s['n'])} | "
-                f"{_signed(100 * s['acc_change'], '.1f')} pt | {s['lost']} | {s['gained']} | "
-                f"{format_p(s['p'])} | {s['base_chrf']:.1f} | {s['tuned_chrf']:.1f} | "
-                f"{_signed(s['chrf_change'], '.1f')} |"
-            )
-        return "\n".join(lines)
+        return score_table(self)
 
     def scores_markdown(self, max_examples: int = 30) -> str:
         """``probe_scores.md``: the table, how it was computed, the items whose hit changed."""
-        cfg = self.config
-        example = next((i["prompt"] for i in self.items), "")
-        cut_base = sum(s["base_cut"] for s in self.scores)
-        cut_tuned = sum(s["tuned_cut"] for s in self.scores)
-        lines = [
-            f"# Scored word translation: {self.model.get('name', '?')}, base vs. adapter "
-            f"`{self.adapter.get('dir', '?')}`",
-            "",
-            self.score_table(),
-            "",
-            f"Few-shot prompts with {cfg.shots} shots drawn from the trained set only, never the "
-            "item itself nor a pair sharing its source or a translation; the same prompt for "
-            f"both models; greedy decoding, at most {cfg.score_max_new_tokens} new tokens. The "
-            "answer is the first non-blank line of the output, NFC, lower-cased, with "
-            "punctuation and quotes stripped from its ends. *Exact*: the answer equals the gold "
-            "translation or a listed alternative (target -> source: any source listing that "
-            "translation), normalised the same way. *lost* / *gained*: items right before and "
-            "wrong after, and the reverse; McNemar's exact two-sided test on them. *chrF*: "
-            "sacrebleu sentence chrF (char 6-grams, beta 2) of the normalised answer against "
-            "the best gold string, averaged. An answer whose line the token limit cut (no line "
-            "break, no end of text) counts as a miss"
-            + (
-                f" ({cut_base} base, {cut_tuned} tuned)."
-                if cut_base or cut_tuned
-                else " (there were none)."
-            ),
-            "",
-            "Example prompt:",
-            "",
-            "```",
-            example,
-            "```",
-        ]
-        changed = [i for i in self.items if i["base_hit"] != i["tuned_hit"]]
-        lines += ["", f"## Items whose hit changed ({len(changed)})", ""]
-        if changed:
-            lines += [
-                "| set | direction | word | gold | base answer | tuned answer |",
-                "| --- | --- | --- | --- | --- | --- |",
-            ]
-            for i in changed[:max_examples]:
-                lines.append(
-                    f"| {i['set']} | {i['direction']} | {_cell(i['word'])} | "
-                    f"{_cell('; '.join(i['gold']))} | {_cell(i['base_answer'])} | "
-                    f"{_cell(i['tuned_answer'])} |"
-                )
-            if len(changed) > max_examples:
-                lines += ["", f"... and {len(changed) - max_examples} more in {SCORES_JSON}."]
-        else:
-            lines.append("None.")
-        if self.warnings:
-            lines += ["", "## Warnings", "", *[f"- {w}" for w in self.warnings]]
-        return "\n".join(lines) + "\n"
+        from tli.tables import scores_markdown
+
+        return scores_markdown(self, max_examples)
 
     def save(self, out_dir: str | os.PathLike[str]) -> list[Path]:
         """Write ``probe.md``, ``probe.json`` and, when scored, the two score files.
@@ -1120,50 +671,9 @@ class ProbeResult:
 
     def summary_line(self) -> str:
         """One line for a report: the scores when scored, else how many outputs changed."""
-        if self.scored:
-            return _scores_line(self.scores, self.config)
-        data = self.probe_json()
-        return (
-            f"Probe: the tuned output differs from the base output in {data['n_changed']} of "
-            f"{data['n_prompts']} prompts (no scored translation)."
-        )
+        from tli.tables import probe_summary
 
-
-def _cell(text: str) -> str:
-    """Text for one Markdown table cell: pipes escaped, line breaks as <br>, never empty."""
-    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
-    text = text.replace("<", "&lt;").replace("\n", "<br>")
-    return text if text.strip() else "(empty)"
-
-
-def _share(k: int, n: int) -> str:
-    return f"{k}/{n} ({100 * k / n:.1f}%)" if n else "n/a"
-
-
-def _signed(value: float, spec: str) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{value:+{spec}}"
-
-
-def _scores_line(scores: Sequence[Mapping[str, Any]], cfg: ProbeConfig) -> str:
-    from tli.stats import format_p
-
-    parts = []
-    for name in dict.fromkeys(s["set"] for s in scores):
-        cells = []
-        for s in (s for s in scores if s["set"] == name):
-            cells.append(
-                f"{s['direction']} {_pct(s['base_acc'])} -> {_pct(s['tuned_acc'])} "
-                f"(+{s['gained']}/-{s['lost']}, McNemar p = {format_p(s['p'])})"
-            )
-        parts.append(f"{name} " + ", ".join(cells))
-    return (
-        f"Word translation ({cfg.shots}-shot, exact match, base -> tuned; s2t = "
-        f"{cfg.src_lang} -> {cfg.tgt_lang}): " + "; ".join(parts) + "."
-    )
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else f"{100 * value:.1f}%"
+        return probe_summary(self)
 
 
 def _read_result(path: Path) -> dict[str, Any]:
@@ -1176,10 +686,6 @@ def _read_result(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "config" not in data:
         raise TLIError(f"{path}: not a tli probe result")
     return data
-
-
-def _nan_from_null(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: (math.nan if v is None else v) for k, v in row.items()}
 
 
 def probe_summary_line(probe_dir: str | os.PathLike[str]) -> str:
@@ -1208,10 +714,11 @@ def probe(
 ) -> ProbeResult:
     """Probe an adapter, and (``score``) score word translation, base vs. tuned.
 
-    The adapter is checked first (:func:`tli.evaluate.read_adapter`,
-    :func:`tli.evaluate.check_adapter`): a missing, corrupted or mismatched adapter is an error,
+    The adapter is checked first (:func:`tli.adapters.read_adapter`,
+    :func:`tli.adapters.check_adapter`): a missing, corrupted or mismatched adapter is an error,
     never a silent probe of the base model. Every prompt is generated by the base model first;
-    then the adapter is attached (:func:`attached`) and the same prompts are generated again;
+    then the adapter is attached (:func:`tli.adapters.attached`) and the same prompts are
+    generated again;
     afterwards ``loaded.model`` is the base model again.
 
     Args:
@@ -1229,8 +736,6 @@ def probe(
         TLIError: A bad adapter, a truncated model or one that already carries adapters, no
             pairs, or (scoring) no trained set.
     """
-    from tli.evaluate import _model_facts, check_adapter, read_adapter
-
     cfg = cfg or ProbeConfig()
     score = cfg.score if score is None else score
     start = time.perf_counter()
@@ -1238,20 +743,12 @@ def probe(
     if not sets:
         raise TLIError("nothing to probe: every set is empty")
     info = read_adapter(adapter_dir)
-    if loaded.truncated:
-        raise TLIError(
-            f"the probe needs the full model; {loaded.name!r} was built with {loaded.depth} of "
-            f"{loaded.num_layers} blocks (max_layer)"
-        )
-    if hasattr(loaded.model, "peft_config") or hasattr(loaded.model, "get_base_model"):
-        raise TLIError(f"model {loaded.name!r} already carries adapters; load a fresh base model")
+    check_base(loaded, "the probe")
     check_adapter(info, loaded)
     if out_dir is not None:
-        from tli.io import ensure_dir
-
         ensure_dir(out_dir)
     notes: list[str] = []
-    if _identity_adapter(info):
+    if is_identity(info):
         notes.append(
             f"adapter {info.dir}: every LoRA B matrix is zero, so the tuned model is the base model"
         )
@@ -1325,7 +822,7 @@ def probe(
         log.warning("%s", note)
     result = ProbeResult(
         config=cfg,
-        model=_model_facts(loaded),
+        model=model_facts(loaded),
         adapter=info.summary(),
         rows=rows,
         items=items,
@@ -1345,64 +842,6 @@ def probe(
 # --- command line -----------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli probe``."""
-    from tli.config import add_dataclass_arguments
-    from tli.evaluate import add_adapter_arguments
-
-    p = sub.add_parser(
-        "probe",
-        help="generate from base and tuned model; --score: few-shot word translation + McNemar",
-        description="Probe an adapter with prompt templates (translation both ways, a "
-        "code-switched sentence, a contextual definition): greedy output of the base and the "
-        "tuned model side by side (probe.md, probe.json). With --score, also few-shot word "
-        "translation of the trained and control sets in both directions, exact match and chrF, "
-        "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). "
-        "See docs/probe.md.",
-    )
-    add_adapter_arguments(p)
-    add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("probe"), help="output directory (default: probe)"
-    )
-    add_dataclass_arguments(p, ProbeConfig, skip=("enabled",))
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from tli.config import build, overrides_from_args
-    from tli.evaluate import adapter_and_model
-    from tli.io import ensure_writable_dir
-    from tli.models import load_model
-    from tli.pairs import read_sets
-
-    overrides = overrides_from_args(ProbeConfig, args)
-    for key in _TEXT_FIELDS:  # a shell argument cannot hold a line break: accept "\n" for one
-        if isinstance(overrides.get(key), str):
-            overrides[key] = overrides[key].replace("\\n", "\n")
-    cfg = build(ProbeConfig, overrides)
-    ensure_writable_dir(args.out)
-    info, model_cfg = adapter_and_model(args)
-    sets = read_sets(
-        args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key, stage="the probe"
-    )
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    load_s = time.perf_counter() - start
-    result = probe(loaded, info.dir, sets, cfg, args.out)
-    print(result.summary_line())
-    if result.scored:
-        print()
-        print(result.score_table())
-    files = [PROBE_MD, PROBE_JSON] + ([SCORES_MD, SCORES_JSON] if result.scored else [])
-    print(
-        f"wrote {', '.join(str(args.out / f) for f in files)} (probe "
-        f"{result.timings['total_s']:.1f} s after a {load_s:.1f} s load)"
-    )
-    sys.stdout.flush()
-    return 0
-
-
 __all__ = [
     "DIRECTIONS",
     "PROBE_JSON",
@@ -1412,7 +851,6 @@ __all__ = [
     "TEMPLATES",
     "ProbeConfig",
     "ProbeResult",
-    "attached",
     "choose_shots",
     "chrf",
     "compare_hits",
@@ -1420,9 +858,6 @@ __all__ = [
     "extract_answer",
     "fewshot_parts",
     "fewshot_prompt",
-    "generate",
-    "generate_answers",
-    "left_padding",
     "normalize_answer",
     "probe",
     "probe_prompt",

@@ -16,7 +16,6 @@ All strings of all sets are embedded once, at every layer, in one decoder pass p
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -24,7 +23,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +31,10 @@ from typing import Any, Literal
 
 import torch
 
+from tli.config import check_int, check_one_of, check_unit
 from tli.embed import POOLINGS, Pooling
 from tli.errors import TLIError
-from tli.io import ensure_writable_dir
-from tli.pairs import add_pair_arguments, check_sets, gold_mask, read_sets
+from tli.pairs import check_sets, gold_mask
 
 log = logging.getLogger("tli")
 
@@ -109,24 +107,16 @@ class ScanConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
-        if self.select_by not in SELECT_METRICS:
-            raise TLIError(
-                f"select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}"
-            )
+        check_one_of("pooling", self.pooling, POOLINGS)
+        check_one_of("select_by", self.select_by, SELECT_BY)
         if not isinstance(self.select_on, str) or not self.select_on.strip():
             raise TLIError(f"select_on must name a set, got {self.select_on!r}")
-        for name, low in (("batch_size", 1), ("n_boot", 1), ("csls_k", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise TLIError(f"{name} must be an integer >= {low}, got {value!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise TLIError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("batch_size", "n_boot", "csls_k"):
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed)
         if not isinstance(self.center, bool):
             raise TLIError(f"center must be true or false, got {self.center!r}")
-        if not (isinstance(self.level, (int, float)) and 0 < self.level < 1):
-            raise TLIError(f"level must be in (0, 1), got {self.level!r}")
+        check_unit("level", self.level)
         if not (isinstance(self.baseline_warn, (int, float)) and -1 <= self.baseline_warn <= 1):
             raise TLIError(f"baseline_warn must be in [-1, 1], got {self.baseline_warn!r}")
 
@@ -236,19 +226,16 @@ class ScanResult:
             "centered": self.centered,
         }
 
-    def save(self, directory: str | os.PathLike[str], *, plot: bool = True) -> Path:
-        """Write ``scan.csv``, ``scan.png`` and, last, ``scan.json`` atomically into a directory.
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``scan.csv`` and, last, ``scan.json`` atomically into a directory.
 
         ``scan.json`` is written last, so a directory with a ``scan.json`` holds a whole scan.
+        Figure 1 is drawn from the saved result by :func:`tli.plots.plot_scan`.
         """
         from tli.io import atomic_write_json, atomic_write_text, ensure_dir
 
         directory = ensure_dir(directory)
         atomic_write_text(directory / CSV_NAME, self.to_csv())
-        if plot:
-            from tli.plots import plot_scan
-
-            plot_scan(self, directory / PNG_NAME)
         atomic_write_json(directory / JSON_NAME, self.to_json())
         return directory
 
@@ -293,42 +280,9 @@ class ScanResult:
 
     def table(self, *, with_warnings: bool = True) -> str:
         """A short plain-text summary: one block per set, then the choice and the warnings."""
-        lines = [
-            f"scan of {self.model}: layers {self.layers[0]}..{self.layers[-1]} "
-            f"(0 = embeddings, {self.num_layers} = final), pooling {self.config.pooling}"
-        ]
-        pct = int(round(self.config.level * 100))
-        for set_name, s in self.sets.items():
-            chance = s["chance_p_at_1_s2t"][0]
-            lines += [
-                "",
-                f"{set_name} ({self.n_pairs[set_name]} pairs; P@1 chance {chance:.4f})",
-                f"{'layer':>5}  {'pair cos':>8}  {'baseline':>8}  "
-                f"{f'margin [{pct}% CI]':>27}  {'P@1 nn':>6}  {'P@1 csls':>8}",
-            ]
-            for i, layer in enumerate(self.layers):
-                mark = "*" if layer == self.chosen_layer else " "
-                mark = "+" if layer == self.next_best_layer else mark
-                lines.append(
-                    f"{layer:>4}{mark}  {s['pair_mean'][i]:8.4f}  {s['baseline'][i]:8.4f}  "
-                    f"{s['margin'][i]:+8.4f} [{s['margin_lo'][i]:+8.4f}, {s['margin_hi'][i]:+8.4f}]"
-                    f"  {s['p_at_1_s2t_nn'][i]:6.4f}  {s['p_at_1_s2t_csls'][i]:8.4f}"
-                )
-        key, sel = self.select_metric, self.select_set
-        lines += [
-            "",
-            f"chosen layer (*): {self.chosen_layer}, by {self.config.select_by} "
-            f"({key} on {sel} = {self.value(sel, key, self.chosen_layer):.4f})",
-        ]
-        if self.next_best_layer is not None:
-            lines.append(
-                f"next best (+): {self.next_best_layer} "
-                f"({key} = {self.value(sel, key, self.next_best_layer):.4f})"
-            )
-        lines += [f"note: {n}" for n in self.notes]
-        if with_warnings:
-            lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        from tli.tables import scan_table
+
+        return scan_table(self, with_warnings=with_warnings)
 
 
 def _floats(table: Mapping[str, Mapping[str, Sequence[Any]]]) -> dict[str, Summary]:
@@ -568,52 +522,3 @@ def _center_language(by_set: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # --- command line ---------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli scan``."""
-    from tli.config import add_dataclass_arguments
-    from tli.models import ModelConfig
-
-    p = sub.add_parser(
-        "scan",
-        help="layer scan: alignment at every layer, with baseline, margin and retrieval",
-        description="Embed every word of the pair sets at every layer 0..N (one pass per "
-        "batch), report per layer and set the mean pair cosine (the paper's pilot metric), "
-        "the mismatched-pair baseline, the margin with a bootstrap CI and retrieval P@1/P@5/"
-        "MRR (NN and CSLS, both directions), choose a layer and write scan.csv, scan.json "
-        "and scan.png to --out.",
-    )
-    p.add_argument("--model", default="gemma-3-270m", help="model name, .gguf, dir or hub id")
-    add_pair_arguments(p)
-    add_dataclass_arguments(p, ScanConfig)
-    add_dataclass_arguments(p, ModelConfig, skip=("name",))
-    p.add_argument(
-        "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
-    )
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from tli.config import build, overrides_from_args
-    from tli.models import ModelConfig, load_model
-
-    cfg = build(ScanConfig, overrides_from_args(ScanConfig, args))
-    model_values = overrides_from_args(ModelConfig, args)
-    model_cfg = build(ModelConfig, {**model_values, "name": args.model})
-    ensure_writable_dir(args.out)
-    sets = read_sets(args.pairs, args.control, src_key=args.src_key, tgt_key=args.tgt_key)
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    load_s = time.perf_counter() - start
-    result = run_scan(loaded, sets, cfg)
-    result.timings["load_s"] = load_s
-    result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
-    if args.control is not None:
-        result.inputs["control"] = str(args.control)
-    result.save(args.out)
-    print(result.table(with_warnings=False))  # the warnings went to stderr already
-    print(
-        f"wrote {args.out / CSV_NAME}, {args.out / JSON_NAME}, {args.out / PNG_NAME} "
-        f"(scan {result.timings['total_s']:.1f} s after a {load_s:.1f} s load)"
-    )
-    sys.stdout.flush()
-    return 0

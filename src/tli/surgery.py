@@ -111,6 +111,34 @@ def num_layers(config: object) -> int:
     return int(getattr(config, layout(config).num_layers_key))
 
 
+def hidden_size(model_or_config: object) -> int | None:
+    """D, the width of the hidden states (``hidden_size``; GPT-2 calls it ``n_embd``)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    value = getattr(config, "hidden_size", None)
+    if value is None:
+        value = getattr(config, "n_embd", None)
+    return int(value) if isinstance(value, int) else None
+
+
+def sliding_window(model_or_config: object) -> int | None:
+    """The sliding attention window (Gemma 2/3, Mistral), or None for full attention."""
+    config = getattr(model_or_config, "config", model_or_config)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    return int(window) if isinstance(window, int) and window > 0 else None
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D too), or None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if hasattr(module, "nf") and hasattr(module, "weight"):  # transformers' Conv1D (GPT-2)
+        return int(module.weight.shape[0]), int(module.nf)
+    return None
+
+
 def truncate_config(config: object, max_layer: int) -> object:
     """A copy of ``config`` with only ``max_layer`` blocks (per-layer lists cut to match)."""
     import copy

@@ -4,6 +4,7 @@ A grid file (TOML) names the model, the shared training values, named objectives
 
     [sweep]
     model = "gemma-3-270m"      # any tli model name
+    # preset = "aligned"        # a named preset's training values and pooling as the base
     pooling = "mean"            # one pooling for training and evaluation
     # pairs = "my_pairs.tsv"    # default: the bundled lexicon and its split
     metric = "p_at_1_s2t_nn"    # what the ranked table sorts by
@@ -43,7 +44,6 @@ sweep continues where it stopped (an unfinished training resumes from its checkp
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import io
@@ -56,7 +56,6 @@ import re
 import shutil
 import time
 import typing
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +63,15 @@ from typing import Any
 
 import torch
 
-from tli.config import build, to_dict
+from tli.config import build, read_toml, to_dict
 from tli.embed import POOLINGS
 from tli.errors import TLIError
 from tli.io import atomic_write_json, atomic_write_text, ensure_dir
+from tli.models import DEFAULT_MODEL
+from tli.pipeline.presets import train_values
+from tli.plots import plot_sweep_heatmap
+from tli.tables import label as _label
+from tli.tables import sweep_markdown
 from tli.train import TrainConfig, plan
 
 log = logging.getLogger("tli")
@@ -92,7 +96,14 @@ FIGURES = (
 class SweepConfig:
     """The ``[sweep]`` table of a grid file."""
 
-    model: str = field(default="gemma-3-270m", metadata={"help": "model name (tli.models)"})
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "model name (tli.models)"})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "a named preset (tli run --preset) whose training values and pooling are "
+            "the base of every cell, under [train]"
+        },
+    )
     pairs: str | None = field(
         default=None, metadata={"help": "pair file with a split column; default: the lexicon"}
     )
@@ -128,12 +139,6 @@ class Grid:
     axes: list[str]
 
 
-def _label(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return "+".join(map(str, value))
-    return str(value)
-
-
 def _cell_name(axes: Mapping[str, Any]) -> str:
     text = "__".join(f"{k}={_label(v)}" for k, v in axes.items())
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", text)
@@ -145,8 +150,15 @@ def parse_grid(data: Mapping[str, Any], where: str = "grid") -> Grid:
     for key in data:
         if key not in known:
             raise TLIError(f"{where}: unknown table {key!r}; known: {', '.join(sorted(known))}")
+    raw = dict(data.get("sweep", {}))
+    preset: dict[str, Any] = {}
+    if raw.get("preset") is not None:
+        preset = train_values(raw["preset"], f"{where}: [sweep] preset")
+        pooling = preset.pop("pooling", None)
+        if pooling is not None:
+            raw.setdefault("pooling", pooling)
     try:
-        sweep = build(SweepConfig, dict(data.get("sweep", {})))
+        sweep = build(SweepConfig, raw)
     except TLIError as err:
         raise TLIError(f"{where}: [sweep] {err}") from None
     base = dict(data.get("train", {}))
@@ -181,7 +193,7 @@ def parse_grid(data: Mapping[str, Any], where: str = "grid") -> Grid:
     cells = []
     for combo in itertools.product(*(grid[a] for a in axes)):
         values = dict(zip(axes, combo, strict=True))
-        layers = [base]
+        layers = [preset, base]
         if "objective" in values:
             layers.append(objectives[values["objective"]])
         layers.append({k: as_field(k, v) for k, v in values.items() if k != "objective"})
@@ -199,8 +211,6 @@ def parse_grid(data: Mapping[str, Any], where: str = "grid") -> Grid:
 
 def read_grid(path: Path) -> Grid:
     """Read and parse a grid TOML file."""
-    from tli.run import read_toml
-
     return parse_grid(read_toml(path), where=str(path))
 
 
@@ -208,13 +218,13 @@ def read_grid(path: Path) -> Grid:
 
 
 def _sets(sweep: SweepConfig) -> dict[str, list]:
-    from tli.pairs import load_lexicon, read_pairs, split_sets
+    """The sweep's trained and control sets (:func:`tli.pairs.load_sets`)."""
+    from tli.pairs import load_sets
 
-    pairs = read_pairs(Path(sweep.pairs)) if sweep.pairs else load_lexicon()
-    sets = split_sets(pairs)
-    if len(sets["trained"]) < 2 or len(sets["control"]) < 2:
+    sets = load_sets(Path(sweep.pairs) if sweep.pairs else None)
+    if len(sets.trained) < 2 or len(sets.control) < 2:
         raise TLIError("the sweep needs a pair list with a trained and a control split")
-    return sets
+    return sets.as_dict()
 
 
 def _control_vectors(model: Any, tokenizer: Any, control: Sequence[Any], n: int, pooling: str):
@@ -244,12 +254,13 @@ def _figures(pre: tuple, post: tuple, control: Sequence[Any], sweep: SweepConfig
     return out
 
 
-#: Frozen-prefix caches shared by the cells of this process (same base model, same word list).
-_CACHES: dict = {}
-
-
 def run_cell(
-    cell: Cell, sweep: SweepConfig, sweep_dir: Path, base: Any = None, threads: int | None = None
+    cell: Cell,
+    sweep: SweepConfig,
+    sweep_dir: Path,
+    base: Any = None,
+    threads: int | None = None,
+    caches: dict | None = None,
 ) -> dict[str, Any]:
     """Train one cell and evaluate it on the control set; write and return its ``cell.json``.
 
@@ -260,10 +271,12 @@ def run_cell(
         base: a full-depth :class:`tli.models.LoadedModel` to evaluate with (loaded if None);
             it is left without adapters.
         threads: torch threads for this cell (parallel mode).
+        caches: frozen-prefix caches shared by the cells of one sweep run (same base model,
+            same word list), so each is built once.
     """
-    from peft import PeftModel
     from safetensors.torch import load_file
 
+    from tli.adapters import attached, check_adapter, read_adapter
     from tli.models import ModelConfig, load_config, load_model
     from tli.surgery import num_layers
     from tli.train import latest_checkpoint, train
@@ -289,7 +302,7 @@ def run_cell(
             resume=resume,
             model_config=to_dict(mcfg),
             progress=False,
-            prefix_cache_store=_CACHES,
+            prefix_cache_store=caches,
         )
         del loaded
     info = json.loads((train_dir / "train.json").read_text())
@@ -297,14 +310,10 @@ def run_cell(
         base = load_model(mcfg)
     saved = load_file(sweep_dir / "base.safetensors")
     pre = (saved["source"], saved["target"])
-    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated property
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        tuned = PeftModel.from_pretrained(base.model, str(train_dir / "final"), is_trainable=False)
-    tuned.eval()
-    try:
+    adapter = read_adapter(train_dir / "final")
+    check_adapter(adapter, base)
+    with attached(base, adapter, "evaluated") as tuned:
         post = _control_vectors(tuned, base.tokenizer, sets["control"], n, sweep.pooling)
-    finally:
-        tuned.unload()
     figures = _figures(pre, post, sets["control"], sweep)
     record = {
         "name": cell.name,
@@ -374,6 +383,7 @@ def run_sweep(
         atomic_write_text(old, grid_text)
     base = load_model(ModelConfig(name=grid.sweep.model))
     base_record = _base_figures(grid.sweep, sweep_dir, base)
+    caches: dict = {}  # frozen-prefix caches of this sweep run
     todo = [c for c in grid.cells if _done(c, sweep_dir) is None]
     log.info(
         "sweep: %d cells, %d done, %d to run (%d at once)",
@@ -386,7 +396,7 @@ def run_sweep(
     if jobs == 1:
         for i, cell in enumerate(todo, 1):
             t = time.perf_counter()
-            rec = run_cell(cell, grid.sweep, sweep_dir, base=base)
+            rec = run_cell(cell, grid.sweep, sweep_dir, base=base, caches=caches)
             log.info(
                 "cell %d/%d %s: P@1 %.3f, margin %+.4f [%+.4f, %+.4f] (%.0f s)",
                 i,
@@ -415,8 +425,8 @@ def run_sweep(
     assert all(r is not None for r in records)
     summary = summarise(records, grid.axes, base_record, grid.sweep.metric)  # type: ignore[arg-type]
     atomic_write_text(sweep_dir / "sweep.csv", to_csv(records, grid.axes))  # type: ignore[arg-type]
-    atomic_write_text(sweep_dir / "sweep.md", summary_markdown(summary, base_record, grid))
-    draw_heatmap(summary, grid.axes, grid.sweep.metric, sweep_dir / "heatmap.png")
+    atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(summary, base_record, grid))
+    plot_sweep_heatmap(summary, grid.axes, grid.sweep.metric, sweep_dir / "heatmap.png")
     atomic_write_json(
         sweep_dir / "sweep.json",
         {
@@ -494,113 +504,6 @@ def summarise(
     return out
 
 
-def _ci(v: Sequence[float], spec: str = ".3f") -> str:
-    return f"{v[0]:{spec}} [{v[1]:{spec}}, {v[2]:{spec}}]"
-
-
-def summary_markdown(
-    summary: Sequence[Mapping[str, Any]], base: Mapping[str, Any], grid: Grid
-) -> str:
-    """The ranked table (sweep.md)."""
-    axes = [a for a in grid.axes if a != "seed"]
-    lines = [
-        f"# Sweep: {len(grid.cells)} cells on {base['model']} ({base['pooling']} pooling)",
-        "",
-        f"Control set ({base['control']} pairs, never trained), final layer {base['num_layers']}."
-        " Each row: mean over seeds [95% t-interval over seeds]; `worst margin lo` is the lowest"
-        " per-seed bootstrap lower bound of the margin (> 0: every seed's margin CI excludes 0).",
-        "",
-        f"Base model: P@1 s2t NN {base['p_at_1_s2t_nn']:.3f}, CSLS {base['p_at_1_s2t_csls']:.3f},"
-        f" margin {base['margin']:+.4f} [{base['margin_lo']:+.4f}, {base['margin_hi']:+.4f}],"
-        f" pair cosine {base['pair_mean']:.3f}, baseline {base['baseline']:.3f}.",
-        "",
-        "| rank | " + " | ".join(axes) + " | seeds | P@1 s2t NN | x base | P@1 s2t CSLS "
-        "| P@1 t2s NN | margin | worst margin lo | pair cos | baseline | train s | verdicts |",
-        "|" + "---|" * (len(axes) + 12),
-    ]
-    for i, r in enumerate(summary, 1):
-        ratio = f"{r['ratio_vs_base']:.1f}" if r["ratio_vs_base"] is not None else "-"
-        lines.append(
-            f"| {i} | "
-            + " | ".join(_label(r["axes"][a]) for a in axes)
-            + f" | {r['seeds']} | {_ci(r['p_at_1_s2t_nn'])} | {ratio} | "
-            f"{_ci(r['p_at_1_s2t_csls'])} | {_ci(r['p_at_1_t2s_nn'])} | "
-            f"{_ci(r['margin'], '+.4f')} | {r['worst_margin_lo']:+.4f} | "
-            f"{r['pair_mean'][0]:.3f} | {r['baseline'][0]:.3f} | {r['train_seconds']:.0f} | "
-            f"{', '.join(r['verdicts'])} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def draw_heatmap(
-    summary: Sequence[Mapping[str, Any]], axes: Sequence[str], metric: str, path: Path
-) -> Path:
-    """Mean ``metric`` per first axis (rows) and the remaining non-seed axes (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    group_axes = [a for a in axes if a != "seed"]
-    row_axis, col_axes = (group_axes[0], group_axes[1:]) if group_axes else ("", [])
-    rows = list(dict.fromkeys(_label(r["axes"].get(row_axis, "")) for r in summary))
-    cols = list(
-        dict.fromkeys(
-            ", ".join(f"{a}={_label(r['axes'][a])}" for a in col_axes) or "-" for r in summary
-        )
-    )
-    grid = [[math.nan] * len(cols) for _ in rows]
-    for r in summary:
-        i = rows.index(_label(r["axes"].get(row_axis, "")))
-        j = cols.index(", ".join(f"{a}={_label(r['axes'][a])}" for a in col_axes) or "-")
-        grid[i][j] = r[metric][0]
-    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(cols), 1.2 + 0.6 * len(rows)))
-    im = ax.imshow(grid, cmap="viridis", aspect="auto")
-    for i in range(len(rows)):
-        for j in range(len(cols)):
-            if not math.isnan(grid[i][j]):
-                ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", color="w")
-    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(rows)), rows)
-    ax.set_ylabel(row_axis)
-    ax.set_title(f"control {metric} (mean over seeds)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 # --- command line -------------------------------------------------------------------------
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli sweep``."""
-    p = sub.add_parser(
-        "sweep",
-        help="train a grid of objectives and rank them on the control set",
-        description="Train every cell of a grid (objectives x loss layers x adapted layers x "
-        "seeds ...) and evaluate each on the control set at the final layer: margin with CI, "
-        "P@1 NN and CSLS. Resumable: finished cells are skipped.",
-    )
-    p.add_argument("--grid", type=Path, required=True, help="grid TOML file (see tli.sweep)")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory")
-    p.add_argument("--jobs", type=int, help="cells at once, each in its own process")
-    p.add_argument("--dry-run", action="store_true", help="list the cells and stop")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    text = Path(args.grid).read_text(encoding="utf-8") if Path(args.grid).is_file() else None
-    grid = read_grid(args.grid)
-    if args.jobs is not None and args.jobs < 1:
-        raise TLIError(f"--jobs must be >= 1, got {args.jobs}")
-    if args.dry_run:
-        for cell in grid.cells:
-            print(cell.name)
-        print(f"{len(grid.cells)} cells")
-        return 0
-    records = run_sweep(grid, args.out, jobs=args.jobs, grid_text=text)
-    print((Path(args.out) / "sweep.md").read_text())
-    print(f"{len(records)} cells -> {args.out}")
-    return 0

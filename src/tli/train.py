@@ -18,16 +18,13 @@ A training directory holds::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import logging
 import math
 import random
 import shutil
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,17 +34,11 @@ from typing import Any, Literal
 import torch
 
 from tli import models, surgery
-from tli.config import check_range
+from tli.adapters import quiet_peft, save_adapter
+from tli.config import check_one_of, check_range, to_dict
 from tli.embed import POOLINGS, pooled, tokenize
-from tli.errors import TLIError
-from tli.io import (
-    atomic_write_json,
-    atomic_write_text,
-    current_umask,
-    ensure_dir,
-    ensure_writable_dir,
-    read_json,
-)
+from tli.errors import TLIError, first_line
+from tli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_dir, read_json
 from tli.losses import LOSSES, LossOutput, contrastive_objective, get_loss, update_running_mean
 from tli.pairs import Pair, gold_mask
 
@@ -57,7 +48,6 @@ LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Center = Literal["none", "batch", "running"]
 PrefixCacheMode = Literal["auto", "on", "off"]
-ADAPTER_META = "tli_adapter.json"
 LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
 
 
@@ -180,8 +170,7 @@ class TrainConfig:
             )
         check_range("warmup_steps", self.warmup_steps, 0)
         check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
-        if self.pooling not in POOLINGS:
-            raise TLIError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+        check_one_of("pooling", self.pooling, POOLINGS)
         check_range("lora_r", self.lora_r, 1)
         check_range("lora_alpha", self.lora_alpha, 0.0, lo_open=True)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
@@ -497,7 +486,7 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "model": loaded.name,
         "model_type": config.model_type,
         "num_layers": loaded.num_layers,
-        "hidden_size": getattr(config, "hidden_size", getattr(config, "n_embd", None)),
+        "hidden_size": surgery.hidden_size(config),
         # the deepest loss layer: the layer an evaluation marks as the training layer
         "layer": p.deepest,
         "target_layer": cfg.layer,
@@ -509,30 +498,6 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
     }
-
-
-def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Write the adapter in peft's format (plus tli's metadata), replacing ``path`` atomically."""
-    path = Path(path)
-    ensure_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the adapter is an ordinary folder
-    try:
-        # save_embedding_layers=False: the adapter never touches embeddings, and peft would
-        # otherwise look the base model up on the hub to decide.
-        model.save_pretrained(tmp, save_embedding_layers=False)
-        atomic_write_json(tmp / ADAPTER_META, meta)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _log_csv(rows: list[dict[str, float]]) -> str:
@@ -553,6 +518,127 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 # --- the loop -------------------------------------------------------------------------------
+
+
+def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] | None) -> Any:
+    """``loaded``, or the same model loaded with the depth the plan needs.
+
+    A caller that loaded by the old rule (``max_layer`` = the target layer) for a loss deeper
+    than the target layer gets the depth reloaded from the recorded model settings; without
+    them, a model too shallow for the plan is an error.
+    """
+    needed = the_plan.load_depth or loaded.num_layers
+    if loaded.depth < needed and model_config is not None:
+        from tli.config import build as build_config
+
+        log.info(
+            "loading %s with %s blocks for loss layers %s",
+            loaded.name,
+            the_plan.load_depth or "all",
+            list(the_plan.loss_layers),
+        )
+        loaded = models.load_model(
+            build_config(models.ModelConfig, model_config),
+            max_layer=the_plan.load_depth,
+            tokenizer=loaded.tokenizer,
+        )
+    if loaded.depth < needed:
+        what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
+        raise TLIError(
+            f"the model holds {loaded.depth} blocks; {what} needs {needed} (load it with "
+            f"max_layer={the_plan.load_depth})"
+        )
+    return loaded
+
+
+def _with_adapters(loaded: Any, cfg: TrainConfig) -> Any:
+    """The model with fresh LoRA adapters (peft), prepared for k-bit training when 4-bit."""
+    from peft import get_peft_model
+
+    model = loaded.model
+    if getattr(model, "is_loaded_in_4bit", False):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    with quiet_peft():
+        try:
+            model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
+        except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError
+            raise TLIError(
+                f"target_modules {', '.join(cfg.target_modules)}: cannot add adapters: "
+                f"{first_line(err)}"
+            ) from None
+    model.peft_config["default"].base_model_name_or_path = loaded.name
+    return model
+
+
+@dataclass
+class _State:
+    """Where a training run stands: what a checkpoint saves and a resume restores."""
+
+    step: int = 0
+    rows: list[dict[str, float]] = field(default_factory=list)
+    elapsed: float = 0.0
+    running: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+
+class _Checkpoints:
+    """``checkpoints/step-S/``: the adapter, optimiser, scheduler, RNG and position of a step."""
+
+    def __init__(self, out_dir: Path, model: Any, optimizer: Any, scheduler: Any, meta: dict,
+                 accelerator: Any) -> None:  # fmt: skip
+        self.out_dir, self.model, self.meta = out_dir, model, meta
+        self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
+
+    def restore(self, ckpt: Path, state: _State) -> None:
+        """Load checkpoint ``ckpt`` into the model, optimiser, scheduler, RNG and ``state``."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        saved = torch.load(ckpt / "state.pt", weights_only=True)
+        set_peft_model_state_dict(self.model, load_file(ckpt / "adapter_model.safetensors"))
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.step, state.rows = int(saved["step"]), list(saved["log"])
+        state.elapsed = float(saved["elapsed"])
+        for i, means in enumerate(saved.get("running_means") or []):
+            state.running[i] = tuple(means) if means is not None else None  # type: ignore[assignment]
+
+    def save(self, name: str, state: _State, elapsed: float) -> Path:
+        """Write checkpoint ``name`` (main process), point ``latest`` at it, drop older ones."""
+        path = self.out_dir / "checkpoints" / name
+        if self.accelerator.is_main_process:
+            save_adapter(self.model, path, self.meta)
+            saved = {
+                "step": state.step,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "log": state.rows,
+                "elapsed": elapsed,
+                "running_means": [list(m) if m is not None else None for m in state.running],
+            }
+            buf = io.BytesIO()
+            torch.save(saved, buf)
+            atomic_write_bytes(path / "state.pt", buf.getvalue())
+            atomic_write_text(self.out_dir / "checkpoints" / "latest", name + "\n")
+            atomic_write_text(self.out_dir / "train_log.csv", _log_csv(state.rows))
+            for old in (self.out_dir / "checkpoints").glob("step-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+
+def _local_rows(index: list[int], accelerator: Any) -> list[int]:
+    """This process's share of a global batch (all of it in a single process)."""
+    world = accelerator.num_processes
+    if world == 1:
+        return index
+    per = len(index) // world
+    r = accelerator.process_index
+    return index[:per * world][r * per : (r + 1) * per]  # fmt: skip
 
 
 def train(
@@ -584,8 +670,6 @@ def train(
             cells of a sweep), so the frozen-prefix cache of a (K, word list) is built once.
     """
     from accelerate import Accelerator
-    from peft import get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
@@ -597,29 +681,7 @@ def train(
                 "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
                 "block 0 is adapted"
             )
-    needed = the_plan.load_depth or loaded.num_layers
-    if loaded.depth < needed and model_config is not None:
-        # A caller that loaded by the old rule (max_layer = layer) for a loss deeper than the
-        # target layer: load the depth this plan needs from the recorded model settings.
-        from tli.config import build as build_config
-
-        log.info(
-            "loading %s with %s blocks for loss layers %s",
-            loaded.name,
-            the_plan.load_depth or "all",
-            list(the_plan.loss_layers),
-        )
-        loaded = models.load_model(
-            build_config(models.ModelConfig, model_config),
-            max_layer=the_plan.load_depth,
-            tokenizer=loaded.tokenizer,
-        )
-    if loaded.depth < needed:
-        what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
-        raise TLIError(
-            f"the model holds {loaded.depth} blocks; {what} needs {needed} (load it with "
-            f"max_layer={the_plan.load_depth})"
-        )
+    loaded = _with_depth(loaded, the_plan, model_config)
     if len(pairs) < 2:
         raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
     out_dir = ensure_dir(out_dir)
@@ -630,7 +692,7 @@ def train(
     world = accelerator.num_processes
     meta = _adapter_meta(loaded, cfg)
 
-    config_record = {"model": model_config or {"name": loaded.name}, "train": _cfg_dict(cfg)}
+    config_record = {"model": model_config or {"name": loaded.name}, "train": to_dict(cfg)}
     if resume:
         ckpt = latest_checkpoint(out_dir)
         if ckpt is None:
@@ -652,21 +714,7 @@ def train(
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model = loaded.model
-    if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated property
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        try:
-            model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
-        except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise TLIError(
-                f"target_modules {', '.join(cfg.target_modules)}: cannot add adapters: {first}"
-            ) from None
-    model.peft_config["default"].base_model_name_or_path = loaded.name
+    model = _with_adapters(loaded, cfg)
     model.to(accelerator.device)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -679,72 +727,33 @@ def train(
     cache_start = time.perf_counter()
     cache = _prefix_cache(model, tok, pairs, cfg, the_plan, loaded.num_layers, prefix_cache_store)
     cache_seconds = time.perf_counter() - cache_start
-    running: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(the_plan.loss_layers)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
-
-    step, rows, elapsed_before = 0, [], 0.0
+    checkpoints = _Checkpoints(out_dir, model, optimizer, scheduler, meta, accelerator)
+    state = _State(running=[None] * len(the_plan.loss_layers))
     if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=True)
-        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
-        step, rows = int(state["step"]), list(state["log"])
-        elapsed_before = float(state["elapsed"])
-        for i, means in enumerate(state.get("running_means") or []):
-            running[i] = tuple(means) if means is not None else None  # type: ignore[assignment]
-        log.info("resuming %s from step %d of %d", out_dir, step, total_steps)
-
-    def checkpoint(name: str, elapsed: float) -> Path:
-        path = out_dir / "checkpoints" / name
-        if main:
-            save_adapter(model, path, meta)
-            state = {
-                "step": step,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "log": rows,
-                "elapsed": elapsed,
-                "running_means": [list(m) if m is not None else None for m in running],
-            }
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            from tli.io import atomic_write_bytes
-
-            atomic_write_bytes(path / "state.pt", buf.getvalue())
-            atomic_write_text(out_dir / "checkpoints" / "latest", name + "\n")
-            atomic_write_text(out_dir / "train_log.csv", _log_csv(rows))
-            for old in (out_dir / "checkpoints").glob("step-*"):
-                if old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        return path
+        checkpoints.restore(ckpt, state)
+        log.info("resuming %s from step %d of %d", out_dir, state.step, total_steps)
 
     start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
-        initial=step,
+        initial=state.step,
         desc="training",
         unit="step",
         disable=None if (progress and main) else True,
         leave=False,
     )
     last_good = ckpt
-    for epoch in range(step // steps_per_epoch, cfg.epochs):
+    for epoch in range(state.step // steps_per_epoch, cfg.epochs):
         batches = batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, epoch)
-        for k in range(step - epoch * steps_per_epoch, steps_per_epoch):
+        for k in range(state.step - epoch * steps_per_epoch, steps_per_epoch):
             index = batches[k]
-            local = index[accelerator.process_index :: world] if world > 1 else index
+            local = _local_rows(index, accelerator)
             if world > 1:
-                per = len(index) // world
-                index = index[: per * world]
-                local = index[
-                    accelerator.process_index * per : (accelerator.process_index + 1) * per
-                ]
+                index = index[: (len(index) // world) * world]
             texts = [pairs[i].source for i in local] + [pairs[i].target for i in local]
             enc = tokenize(tok, texts, accelerator.device)
             with accelerator.autocast(), _from_cache(model, cache, texts, enc):
@@ -759,11 +768,11 @@ def train(
             anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D) each
             positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
             gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
-            out = objective(cfg, anchors, positives, gold, the_plan.loss_weights, running)
+            out = objective(cfg, anchors, positives, gold, the_plan.loss_weights, state.running)
             if not torch.isfinite(out.loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint"
                 raise TLIError(
-                    f"loss is {out.loss.item()} at step {step + 1} (epoch {epoch + 1}); "
+                    f"loss is {out.loss.item()} at step {state.step + 1} (epoch {epoch + 1}); "
                     f"training stopped, {where}"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -777,16 +786,16 @@ def train(
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
-            step += 1
+            state.step += 1
             row = {
-                "step": step,
+                "step": state.step,
                 "epoch": epoch + 1,
                 "loss": round(out.loss.item(), 6),
                 "pos_sim": round(out.pos_sim.item(), 6),
                 "neg_sim": round(out.neg_sim.item(), 6),
                 "lr": lr,
             }
-            rows.append(row)
+            state.rows.append(row)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}",
@@ -794,18 +803,19 @@ def train(
                 neg=f"{row['neg_sim']:.3f}",
                 lr=f"{lr:.2e}",
             )
-            elapsed = elapsed_before + time.perf_counter() - start
-            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-                last_good = checkpoint(f"step-{step}", elapsed)
+            elapsed = state.elapsed + time.perf_counter() - start
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < total_steps:
+                last_good = checkpoints.save(f"step-{state.step}", state, elapsed)
             if on_step is not None:
-                on_step(step)
-        elapsed = elapsed_before + time.perf_counter() - start
+                on_step(state.step)
+        elapsed = state.elapsed + time.perf_counter() - start
         if main:  # before the checkpoint, so a resume from it never lacks this epoch's adapter
             save_adapter(model, out_dir / f"epoch-{epoch + 1}", meta)
-        last_good = checkpoint(f"step-{step}", elapsed)
+        last_good = checkpoints.save(f"step-{state.step}", state, elapsed)
     bar.close()
-    seconds = elapsed_before + time.perf_counter() - start
+    seconds = state.elapsed + time.perf_counter() - start
     final = out_dir / "final"
+    rows = state.rows
     if main:
         save_adapter(model, final, meta)
         atomic_write_text(out_dir / "train_log.csv", _log_csv(rows))
@@ -815,11 +825,11 @@ def train(
                 "config": config_record,
                 "pairs": len(pairs),
                 "trainable_parameters": n_trainable,
-                "steps": step,
+                "steps": state.step,
                 "steps_per_epoch": steps_per_epoch,
                 "processes": world,
                 "seconds": round(seconds, 3),
-                "steps_per_second": round(step / seconds, 3) if seconds > 0 else None,
+                "steps_per_second": round(state.step / seconds, 3) if seconds > 0 else None,
                 # building the frozen-prefix cache (before the steps; not in "seconds")
                 "prefix_cache": None
                 if cache is None
@@ -833,7 +843,9 @@ def train(
             },
         )
     accelerator.wait_for_everyone()
-    return TrainResult(out_dir, final, step, seconds, rows[-1]["loss"] if rows else math.nan, rows)
+    return TrainResult(
+        out_dir, final, state.step, seconds, rows[-1]["loss"] if rows else math.nan, rows
+    )
 
 
 def _prefix_cache(
@@ -885,103 +897,3 @@ def _from_cache(model: torch.nn.Module, cache: Any, texts: Sequence[str], enc: d
 def load_depth(cfg: TrainConfig, num_layers: int) -> int | None:
     """The ``max_layer`` to load the model with for ``cfg`` (None: the full model)."""
     return plan(cfg, num_layers).load_depth
-
-
-def _cfg_dict(cfg: TrainConfig) -> dict[str, Any]:
-    from tli.config import to_dict
-
-    return to_dict(cfg)
-
-
-# --- command line -------------------------------------------------------------------------
-
-#: Named presets: partial TrainConfig values. ``paper`` equals the defaults (sec. 3.4).
-PRESETS: dict[str, dict[str, Any]] = {"paper": {}}
-
-
-def read_training_pairs(path: Path | None, args: argparse.Namespace | None = None) -> list[Pair]:
-    """The trained set of a pair file (all pairs when it has no split), or of the lexicon."""
-    from tli.pairs import load_lexicon, read_pairs, split_sets
-
-    if path is None:
-        pairs = load_lexicon()
-    else:
-        kwargs = {}
-        for key in ("src_key", "tgt_key"):
-            if args is not None and getattr(args, key, None):
-                kwargs[key] = getattr(args, key)
-        pairs = read_pairs(path, **kwargs)
-    return split_sets(pairs)["trained"]
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli train``."""
-    from tli.config import add_dataclass_arguments
-
-    p = sub.add_parser(
-        "train",
-        help="train LoRA adapters with a contrastive loss at the target layer",
-        description="TLI training (paper, sec. 3.4), depth-truncated: only blocks below the "
-        "target layer are built and run. Writes peft adapters, logs and checkpoints.",
-    )
-    p.add_argument(
-        "--pairs",
-        type=Path,
-        help="pair file (its trained split is used); default: the bundled lexicon's trained split",
-    )
-    p.add_argument("--src-key", help="source field name in JSON/CSV pair files")
-    p.add_argument("--tgt-key", help="target field name in JSON/CSV pair files")
-    p.add_argument("--preset", default="paper", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--out", type=Path, default=Path("runs/train"), help="training directory")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
-    add_dataclass_arguments(p, TrainConfig)
-    models.add_model_arguments(p)
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from tli.config import build, overrides_from_args, to_dict
-    from tli.models import ModelConfig, load_model
-
-    if args.preset not in PRESETS:
-        raise TLIError(f"unknown preset {args.preset!r}; known: {', '.join(PRESETS)}")
-    out_dir = args.resume or args.out
-    if args.resume is not None:
-        saved_path = Path(args.resume) / "train_config.json"
-        if not saved_path.is_file():
-            raise TLIError(f"{args.resume}: not a training directory (no train_config.json)")
-        saved = read_json(saved_path)
-        if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
-            raise TLIError(f'{saved_path}: expected "train" and "model" tables')
-        cfg = build(TrainConfig, saved["train"])
-        model_values = saved["model"]
-    else:
-        cfg = build(TrainConfig, PRESETS[args.preset], overrides_from_args(TrainConfig, args))
-        model_values = None
-    needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
-    if cfg.layer is None and needs_target:
-        raise TLIError("--layer is required (run `tli scan` to choose one)")
-    mcfg = build(ModelConfig, model_values) if model_values else models.model_config_from_args(args)
-    ensure_writable_dir(out_dir)
-    pairs = read_training_pairs(args.pairs, args) if args.resume is None else _saved_pairs(out_dir)
-    _, config = models.load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
-    depth = load_depth(cfg, surgery.num_layers(config))
-    loaded = load_model(mcfg, max_layer=depth)
-    result = train(
-        loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
-    )
-    print(
-        f"trained {result.steps} steps in {result.seconds:.1f} s "
-        f"({result.steps / max(result.seconds, 1e-9):.2f} steps/s), final loss "
-        f"{result.final_loss:.4f}; adapter -> {result.adapter_dir}"
-    )
-    return 0
-
-
-def _saved_pairs(out_dir: Path) -> list[Pair]:
-    from tli.pairs import read_pairs
-
-    path = Path(out_dir) / "pairs.tsv"
-    if not path.is_file():
-        raise TLIError(f"{out_dir}: the training pairs (pairs.tsv) are missing")
-    return read_pairs(path)

@@ -1,7 +1,9 @@
 """The `tli` command: parse arguments, call a stage, turn user errors into one line.
 
-Each stage module exposes ``register(subparsers)``, which adds its subcommand and sets
-``func`` to a small function that calls the stage. This file only dispatches.
+One module per command under ``tli.cli`` exposes ``register(subparsers)``, which adds its
+subcommand and sets ``func`` to a small function that parses the options, calls the stage and
+prints a summary. Only these modules know argparse; the stages take config dataclasses. This
+file only dispatches.
 """
 
 from __future__ import annotations
@@ -14,17 +16,17 @@ import typing
 
 from tli.errors import TLIError
 
-#: Stage modules that contribute subcommands, in the order `tli --help` lists them.
-STAGES = (
-    "tli.run",
-    "tli.pairs",
-    "tli.embed",
-    "tli.scan",
-    "tli.train",
-    "tli.evaluate",
-    "tli.probe",
-    "tli.plots",
-    "tli.sweep",
+#: Command modules, in the order `tli --help` lists them.
+COMMANDS = (
+    "tli.cli.run",
+    "tli.cli.pairs",
+    "tli.cli.embed",
+    "tli.cli.scan",
+    "tli.cli.train",
+    "tli.cli.evaluate",
+    "tli.cli.probe",
+    "tli.cli.plot",
+    "tli.cli.sweep",
 )
 
 log = logging.getLogger("tli")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
-    for name in STAGES:
+    for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser
 

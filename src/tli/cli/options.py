@@ -1,0 +1,107 @@
+"""Options shared by several commands, each defined once: the model, the pair sets, the adapter."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tli.config import add_dataclass_arguments, build, overrides_from_args
+from tli.errors import TLIError
+from tli.models import DEFAULT_MODEL, EMBEDDED, ModelConfig
+from tli.pairs import SRC_KEY, TGT_KEY, PairSets, check_sets, load_sets
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = False) -> None:
+    """``--model`` and the ModelConfig options (dtype, device, 4-bit, remote code).
+
+    Args:
+        p: The command's parser.
+        adapter: The command loads an adapter, so the default model is the one it records.
+    """
+    default = "the model the adapter records" if adapter else DEFAULT_MODEL
+    p.add_argument(
+        "--model",
+        help=f"embedded name ({', '.join(EMBEDDED)}), .gguf file, directory or hub id "
+        f"(default: {default})",
+    )
+    add_dataclass_arguments(p, ModelConfig, skip=("name",))
+
+
+def model_config(args: argparse.Namespace, name: str | None = None) -> ModelConfig:
+    """The ModelConfig of the command line: ``--model`` (else ``name``, else the default)."""
+    values = overrides_from_args(ModelConfig, args)
+    values["name"] = getattr(args, "model", None) or name or DEFAULT_MODEL
+    return build(ModelConfig, values)
+
+
+def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> None:
+    """``--pairs``, ``--control``, ``--src-key`` and ``--tgt-key``, as every stage takes them."""
+    p.add_argument(
+        "--pairs",
+        type=Path,
+        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if any, gives the sets "
+        "(default: the bundled lexicon and its split)",
+    )
+    if control:
+        p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
+    add_key_arguments(p)
+
+
+def add_key_arguments(p: argparse.ArgumentParser) -> None:
+    """``--src-key`` and ``--tgt-key``: the fields of the two languages in JSON/CSV/TSV files."""
+    p.add_argument("--src-key", default=SRC_KEY, help=f"source field (default: {SRC_KEY})")
+    p.add_argument("--tgt-key", default=TGT_KEY, help=f"target field (default: {TGT_KEY})")
+
+
+def pair_sets(args: argparse.Namespace) -> PairSets:
+    """The sets of ``--pairs`` / ``--control`` by :func:`tli.pairs.load_sets`, leakage warned."""
+    sets = load_sets(
+        args.pairs,
+        getattr(args, "control", None),
+        src_key=args.src_key,
+        tgt_key=args.tgt_key,
+    )
+    sets.warn_leakage()
+    return sets
+
+
+def checked_sets(args: argparse.Namespace, stage: str) -> dict[str, list]:
+    """:func:`pair_sets`, each non-empty set holding at least 2 pairs (:func:`check_sets`)."""
+    import logging
+
+    sets = pair_sets(args)
+    try:
+        checked = check_sets(sets.as_dict(), stage)
+    except TLIError as err:
+        raise TLIError(f"{sets.where}: {err}") from None
+    if "control" not in checked:
+        logging.getLogger("tli").warning(
+            "%s has no control set: %s covers the trained set only", sets.source, stage
+        )
+    return checked
+
+
+def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
+    """``--adapter`` and the base model's options, for commands that load an adapter."""
+    p.add_argument(
+        "--adapter",
+        type=Path,
+        required=True,
+        help="peft adapter directory (e.g. runs/train/final) or a training directory",
+    )
+    add_model_arguments(p, adapter=True)
+
+
+def adapter_and_model(args: argparse.Namespace) -> tuple[Any, ModelConfig]:
+    """The checked adapter and the base model's config (``--model``, else the adapter's own).
+
+    Reads the adapter before any model is loaded, so a bad ``--adapter`` fails fast.
+    """
+    from tli.adapters import read_adapter
+
+    info = read_adapter(args.adapter)
+    name = args.model or info.base_model
+    if not name:
+        raise TLIError(f"adapter {info.dir} does not record its base model: pass --model")
+    return info, model_config(args, name)

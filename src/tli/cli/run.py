@@ -1,0 +1,80 @@
+"""``tli run``: the whole protocol into one run directory (``--resume``, ``--overwrite``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tli.config import parse_set, read_toml
+from tli.errors import TLIError
+from tli.pipeline.config import absolute_paths, load_run_config, resolve_config
+from tli.pipeline.presets import PRESETS
+from tli.pipeline.rundir import prepare_run_dir
+from tli.pipeline.runner import run_pipeline
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli run``."""
+    p = sub.add_parser(
+        "run",
+        help="the whole protocol: pairs, scan, layer choice, train, evaluate, figures, report",
+        description="Run the TLI protocol end to end into a run directory. Defaults: the "
+        "embedded gemma-3-270m, the bundled lexicon and its split, the paper's settings.",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a TOML file (sections: model, pairs, scan, "
+        "train, evaluate, figures; see docs/config.md)",
+    )
+    p.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default: paper)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tli)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="finish the run in DIR")
+    p.add_argument("--model", help="shortcut for --set model.name=...")
+    p.add_argument("--pairs", help="shortcut for --set pairs.file=...")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key, e.g. --set train.epochs=3 (repeatable)",
+    )
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.resume is not None and (
+        args.config or args.preset or args.set or args.model or args.pairs or args.out
+    ):
+        raise TLIError(
+            "--resume DIR continues the run with its saved config; give no other config options"
+        )
+    if args.resume is not None:
+        run_dir = args.resume
+        prepare_run_dir(Path(run_dir), overwrite=False, resume=True)
+        cfg = load_run_config(Path(run_dir) / "config.toml")
+    else:
+        layers: list[dict[str, Any]] = []
+        if args.config is not None:
+            layers.append(read_toml(args.config))
+        cli: dict[str, Any] = parse_set(args.set)
+        if args.preset:
+            cli["preset"] = args.preset
+        if args.model:
+            cli.setdefault("model", {})["name"] = args.model
+        if args.pairs:
+            cli.setdefault("pairs", {})["file"] = args.pairs
+        cfg = resolve_config(*layers, cli, where=str(args.config or "command line"))
+        cfg = absolute_paths(cfg)
+        run_dir = args.out or Path("runs/tli")
+    start = time.perf_counter()
+    out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None, overwrite=args.overwrite)
+    record = json.loads((out / "run.json").read_text())
+    for line in record["stages"].get("evaluate", {}).get("verdicts", []):
+        print(line)
+    print(f"run finished in {time.perf_counter() - start:.0f} s: {out / 'report.html'}")
+    return 0

@@ -1,0 +1,42 @@
+"""``tli sweep``: train a grid of objectives and rank them on the control set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tli.errors import TLIError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli sweep``."""
+    p = sub.add_parser(
+        "sweep",
+        help="train a grid of objectives and rank them on the control set",
+        description="Train every cell of a grid (objectives x loss layers x adapted layers x "
+        "seeds ...) and evaluate each on the control set at the final layer: margin with CI, "
+        "P@1 NN and CSLS. Resumable: finished cells are skipped.",
+    )
+    p.add_argument("--grid", type=Path, required=True, help="grid TOML file (see tli.sweep)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory")
+    p.add_argument("--jobs", type=int, help="cells at once, each in its own process")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and stop")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tli.sweep import read_grid, run_sweep
+
+    text = Path(args.grid).read_text(encoding="utf-8") if Path(args.grid).is_file() else None
+    grid = read_grid(args.grid)
+    if args.jobs is not None and args.jobs < 1:
+        raise TLIError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.dry_run:
+        for cell in grid.cells:
+            print(cell.name)
+        print(f"{len(grid.cells)} cells")
+        return 0
+    records = run_sweep(grid, args.out, jobs=args.jobs, grid_text=text)
+    print((Path(args.out) / "sweep.md").read_text())
+    print(f"{len(records)} cells -> {args.out}")
+    return 0

@@ -1,0 +1,86 @@
+"""``tli train``: LoRA adapters with a contrastive loss at the target layer, depth-truncated."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tli.cli.options import add_model_arguments, add_pair_arguments, model_config, pair_sets
+from tli.config import add_dataclass_arguments, build, overrides_from_args, to_dict
+from tli.errors import TLIError
+from tli.pipeline.presets import PRESETS, train_values
+from tli.train import TrainConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tli train``."""
+    p = sub.add_parser(
+        "train",
+        help="train LoRA adapters with a contrastive loss at the target layer",
+        description="TLI training (paper, sec. 3.4), depth-truncated: only blocks below the "
+        "target layer are built and run. Writes peft adapters, logs and checkpoints. The "
+        "trained set of --pairs is used (every pair of a file without a split column).",
+    )
+    add_pair_arguments(p, control=False)
+    p.add_argument(
+        "--preset",
+        help=f"start from a named preset's training values and pooling: {', '.join(PRESETS)} "
+        "(default: none, the defaults below)",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="training directory")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
+    add_dataclass_arguments(p, TrainConfig)
+    add_model_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
+    """The training config, model settings and pairs that a training directory recorded."""
+    from tli.io import read_json
+    from tli.pairs import read_pairs
+
+    saved_path = Path(out_dir) / "train_config.json"
+    if not saved_path.is_file():
+        raise TLIError(f"{out_dir}: not a training directory (no train_config.json)")
+    saved = read_json(saved_path)
+    if not isinstance(saved.get("train"), dict) or not isinstance(saved.get("model"), dict):
+        raise TLIError(f'{saved_path}: expected "train" and "model" tables')
+    pairs = Path(out_dir) / "pairs.tsv"
+    if not pairs.is_file():
+        raise TLIError(f"{out_dir}: the training pairs (pairs.tsv) are missing")
+    return build(TrainConfig, saved["train"]), saved["model"], read_pairs(pairs)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tli import surgery
+    from tli.io import ensure_writable_dir
+    from tli.models import ModelConfig, load_config, load_model
+    from tli.train import load_depth, train
+
+    out_dir = args.resume or args.out
+    if args.resume is not None:
+        cfg, model_values, pairs = _saved(args.resume)
+        mcfg = build(ModelConfig, model_values)
+    else:
+        preset = train_values(args.preset, "--preset") if args.preset else {}
+        cfg = build(TrainConfig, preset, overrides_from_args(TrainConfig, args))
+        mcfg = model_config(args)
+        pairs = None
+    needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
+    if cfg.layer is None and needs_target:
+        raise TLIError("--layer is required (run `tli scan` to choose one)")
+    ensure_writable_dir(out_dir)
+    if pairs is None:
+        pairs = pair_sets(args).trained
+    _, config = load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+    depth = load_depth(cfg, surgery.num_layers(config))
+    loaded = load_model(mcfg, max_layer=depth)
+    result = train(
+        loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
+    )
+    print(
+        f"trained {result.steps} steps in {result.seconds:.1f} s "
+        f"({result.steps / max(result.seconds, 1e-9):.2f} steps/s), final loss "
+        f"{result.final_loss:.4f}; adapter -> {result.adapter_dir}"
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""The pipeline of ``tli run``: run config and presets, run directory, runner."""

@@ -1,0 +1,438 @@
+"""Markdown and text tables, rendered from results only (never from a model).
+
+Each function takes a stage's result object (or the plain records a stage saved) and returns
+text; the stage modules call these to write their ``.md`` files, and their result classes offer
+them as methods (``EvalResult.markdown()``, ``ScanResult.table()``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from tli.stats import format_p
+
+if TYPE_CHECKING:
+    from tli.evaluate import EvalResult
+    from tli.probe import ProbeConfig, ProbeResult
+    from tli.scan import ScanResult
+    from tli.sweep import Grid
+
+
+# --- small formatters ----------------------------------------------------------------------------
+
+def _signed_percent(value: float) -> str:
+    """A change already in percent, signed, e.g. -18.43%."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}%"
+
+
+def _num(value: float, spec: str) -> str:
+    """A number, or n/a for NaN and inf/-inf for infinities."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    return format(value, spec) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+
+def _md(text: str) -> str:
+    """Text for a Markdown table cell (pipes escaped)."""
+    return text.replace("|", "\\|")
+
+
+def _cell(text: str) -> str:
+    """Text for one Markdown table cell: pipes escaped, line breaks as <br>, never empty."""
+    text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "")
+    text = text.replace("<", "&lt;").replace("\n", "<br>")
+    return text if text.strip() else "(empty)"
+
+
+def _share(k: int, n: int) -> str:
+    """``k/n (x.x%)``."""
+    return f"{k}/{n} ({100 * k / n:.1f}%)" if n else "n/a"
+
+
+def _signed(value: float, spec: str) -> str:
+    """A signed number in ``spec``, or n/a."""
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:+{spec}}"
+
+
+def scores_line(scores: Sequence[Mapping[str, Any]], cfg: ProbeConfig) -> str:
+    """One line of scored word translation per set and direction, for reports."""
+    parts = []
+    for name in dict.fromkeys(s["set"] for s in scores):
+        cells = []
+        for s in (s for s in scores if s["set"] == name):
+            cells.append(
+                f"{s['direction']} {_percent(s['base_acc'])} -> {_percent(s['tuned_acc'])} "
+                f"(+{s['gained']}/-{s['lost']}, McNemar p = {format_p(s['p'])})"
+            )
+        parts.append(f"{name} " + ", ".join(cells))
+    return (
+        f"Word translation ({cfg.shots}-shot, exact match, base -> tuned; s2t = "
+        f"{cfg.src_lang} -> {cfg.tgt_lang}): " + "; ".join(parts) + "."
+    )
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage with one decimal, e.g. 0.125 -> 12.5%."""
+    return "n/a" if share is None or not math.isfinite(share) else f"{100 * share:.1f}%"
+
+
+# --- scan -------------------------------------------------------------------------------------
+
+
+def scan_table(result: ScanResult, *, with_warnings: bool = True) -> str:
+    """A short plain-text summary: one block per set, then the choice and the warnings."""
+    lines = [
+        f"scan of {result.model}: layers {result.layers[0]}..{result.layers[-1]} "
+        f"(0 = embeddings, {result.num_layers} = final), pooling {result.config.pooling}"
+    ]
+    pct = int(round(result.config.level * 100))
+    for set_name, s in result.sets.items():
+        chance = s["chance_p_at_1_s2t"][0]
+        lines += [
+            "",
+            f"{set_name} ({result.n_pairs[set_name]} pairs; P@1 chance {chance:.4f})",
+            f"{'layer':>5}  {'pair cos':>8}  {'baseline':>8}  "
+            f"{f'margin [{pct}% CI]':>27}  {'P@1 nn':>6}  {'P@1 csls':>8}",
+        ]
+        for i, layer in enumerate(result.layers):
+            mark = "*" if layer == result.chosen_layer else " "
+            mark = "+" if layer == result.next_best_layer else mark
+            lines.append(
+                f"{layer:>4}{mark}  {s['pair_mean'][i]:8.4f}  {s['baseline'][i]:8.4f}  "
+                f"{s['margin'][i]:+8.4f} [{s['margin_lo'][i]:+8.4f}, {s['margin_hi'][i]:+8.4f}]"
+                f"  {s['p_at_1_s2t_nn'][i]:6.4f}  {s['p_at_1_s2t_csls'][i]:8.4f}"
+            )
+    key, sel = result.select_metric, result.select_set
+    lines += [
+        "",
+        f"chosen layer (*): {result.chosen_layer}, by {result.config.select_by} "
+        f"({key} on {sel} = {result.value(sel, key, result.chosen_layer):.4f})",
+    ]
+    if result.next_best_layer is not None:
+        lines.append(
+            f"next best (+): {result.next_best_layer} "
+            f"({key} = {result.value(sel, key, result.next_best_layer):.4f})"
+        )
+    lines += [f"note: {n}" for n in result.notes]
+    if with_warnings:
+        lines += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(lines)
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def layer_name(result: EvalResult, layer: int) -> str:
+    """A layer index with its roles: trained, final, embeddings."""
+    tags = []
+    if layer == result.target_layer:
+        tags.append("trained")
+    if layer == result.num_layers:
+        tags.append("final")
+    if layer == 0:
+        tags.append("embeddings")
+    return f"{layer} ({', '.join(tags)})" if tags else str(layer)
+
+
+def table1(result: EvalResult, layer: int | None = None) -> str:
+    """Table 1 in the paper's columns, plus baseline, margin and P@1 (Markdown)."""
+    i = result.index(layer)
+    kind = result.config.verdict_retrieval
+    pct = int(round(result.config.level * 100))
+    head = (
+        "| Set | N | Pre mean (std) | Post mean (std) | Abs. change | % change | t | p "
+        f"| Baseline pre → post | Margin pre → post | Margin change [{pct}% CI] "
+        f"| P@1 {kind} pre → post | McNemar p |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for name, s in result.sets.items():
+        pre, post, ch, bt = s["pre"], s["post"], s["change"], s["bootstrap"]
+        test = s["p_at_1_tests"][kind]
+        lines.append(
+            f"| {name} | {s['n']} | {ch['pre_mean'][i]:.4f} ({ch['pre_std'][i]:.4f}) "
+            f"| {ch['post_mean'][i]:.4f} ({ch['post_std'][i]:.4f}) "
+            f"| {ch['abs_change'][i]:+.4f} | {_signed_percent(ch['pct_change'][i])} "
+            f"| {_num(ch['t'][i], '.2f')} | {format_p(ch['p'][i], ch['log10_p'][i])} "
+            f"| {pre['baseline'][i]:.4f} → {post['baseline'][i]:.4f} "
+            f"| {pre['margin'][i]:+.4f} → {post['margin'][i]:+.4f} "
+            f"| {bt['margin_change'][i]:+.4f} [{bt['margin_change_lo'][i]:+.4f}, "
+            f"{bt['margin_change_hi'][i]:+.4f}] "
+            f"| {pre[f'p_at_1_{kind}'][i]:.4f} → {post[f'p_at_1_{kind}'][i]:.4f} "
+            f"| {format_p(test['p'][i])} |"
+        )
+    return "\n".join(lines)
+
+
+def layer_table(result: EvalResult, set_name: str) -> str:
+    """One set at every layer (Markdown); the training and final layers are marked."""
+    s = result.sets[set_name]
+    pre, post, ch, bt = s["pre"], s["post"], s["change"], s["bootstrap"]
+    lines = [
+        "| Layer | Pre | Post | Change | t | p | Baseline pre → post | Margin pre → post "
+        "| Margin change [CI] | P@1 s2t NN pre → post | P@1 s2t CSLS pre → post | Verdict |",
+        "|" + "---|" * 12,
+    ]
+    for i, layer in enumerate(result.layers):
+        lines.append(
+            f"| {layer_name(result, layer)} | {pre['pair_mean'][i]:.4f} "
+            f"| {post['pair_mean'][i]:.4f} | {ch['abs_change'][i]:+.4f} "
+            f"| {_num(ch['t'][i], '.2f')} | {format_p(ch['p'][i], ch['log10_p'][i])} "
+            f"| {pre['baseline'][i]:.4f} → {post['baseline'][i]:.4f} "
+            f"| {pre['margin'][i]:+.4f} → {post['margin'][i]:+.4f} "
+            f"| {bt['margin_change'][i]:+.4f} [{bt['margin_change_lo'][i]:+.4f}, "
+            f"{bt['margin_change_hi'][i]:+.4f}] "
+            f"| {pre['p_at_1_s2t_nn'][i]:.4f} → {post['p_at_1_s2t_nn'][i]:.4f} "
+            f"| {pre['p_at_1_s2t_csls'][i]:.4f} → {post['p_at_1_s2t_csls'][i]:.4f} "
+            f"| {s['verdicts'][i]['code']} |"
+        )
+    return "\n".join(lines)
+
+
+def table2(result: EvalResult, set_name: str) -> str:
+    """Table 2: per-pair examples of one set at the final layer (Markdown)."""
+    i = result.index()
+    pre, post = result.cosines[set_name]["pre"][i], result.cosines[set_name]["post"][i]
+    pairs = result.pairs[set_name]
+    titles = {
+        "gains": "Largest gains (largest changes)",
+        "losses": "Largest losses (smallest changes)",
+        "random": f"Random sample (seed {result.config.seed})",
+    }
+    out = []
+    for kind, title in titles.items():
+        rows = result.examples[set_name][kind]
+        out += [
+            f"**{title}**",
+            "",
+            "| Source | Target | Pre | Post | Change |",
+            "|---|---|---|---|---|",
+        ]
+        for j in rows:
+            out.append(
+                f"| {_md(pairs[j][0])} | {_md(pairs[j][1])} | {pre[j]:.3f} | {post[j]:.3f} "
+                f"| {post[j] - pre[j]:+.3f} |"
+            )
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def eval_markdown(result: EvalResult) -> str:
+    """``evaluation.md``: verdicts, Table 1 (final and every layer), Table 2."""
+    cfg, n = result.config, result.num_layers
+    kind = cfg.verdict_retrieval
+    trained_at = (
+        f"trained at layer {result.target_layer}"
+        if result.target_layer is not None
+        else "training layer unknown (no tli_adapter.json)"
+    )
+    chance = ", ".join(
+        f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}"
+        for name, s in result.sets.items()
+    )
+    lines = [
+        f"# Evaluation: `{result.model['name']}` + adapter `{result.adapter['dir']}`",
+        "",
+        f"Base model ({result.model['model_type']}, {n} layers; layer 0 = input embeddings, "
+        f"{n} = final) vs. the same model with the adapter merged ({trained_at}). "
+        f"Pooling {cfg.pooling}; {cfg.n_boot} bootstrap resamples (seed {cfg.seed}), "
+        f"{int(round(cfg.level * 100))}% intervals; significance level {cfg.alpha}; "
+        f"P@1 chance level: {chance}. How to read this: docs/evaluation.md.",
+        "",
+        f"## Verdicts at the final layer ({n})",
+        "",
+        *[f"- {line}" for line in result.verdict_lines()],
+    ]
+    if result.target_layer is not None and result.target_layer != n:
+        lines += [
+            "",
+            f"At the training layer ({result.target_layer}):",
+            "",
+            *[f"- {line}" for line in result.verdict_lines(result.target_layer)],
+        ]
+    if result.warnings:
+        lines += ["", "Warnings:", "", *[f"- {w}" for w in result.warnings]]
+    lines += [
+        "",
+        f"## Table 1: translation-pair cosine at the final layer ({n})",
+        "",
+        table1(result),
+        "",
+        "Mean (std) of the per-pair cosine; change = post - pre; t and p: paired t-test "
+        "(p in log space when it underflows); baseline: mean cosine of the mismatched "
+        "pairs of the same lists; margin: pairs - baseline, with the paired bootstrap CI of "
+        f"its change; P@1 {kind}: retrieval, McNemar exact test of the per-query hits.",
+    ]
+    for name in result.sets:
+        lines += ["", f"## Table 1 at every layer: {name}", "", layer_table(result, name)]
+    for name in result.sets:
+        lines += [
+            "",
+            f"## Table 2: per-pair examples at the final layer ({n}): {name}",
+            "",
+            table2(result, name),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+# --- probe ------------------------------------------------------------------------------------
+
+
+def probe_markdown(result: ProbeResult) -> str:
+    """``probe.md``: one table row per prompt."""
+    data = result.probe_json()
+    lines = [
+        f"# Probe: {result.model.get('name', '?')} with adapter `{result.adapter.get('dir', '?')}`",
+        "",
+        f"Greedy decoding, at most {result.config.max_new_tokens} new tokens; the same prompt "
+        f"for both models. The tuned output differs from the base output in "
+        f"{data['n_changed']} of {data['n_prompts']} prompts.",
+        "",
+        "| set | template | prompt | base output | tuned output |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in result.rows:
+        mark = "" if r["base"] != r["tuned"] else " (same)"
+        lines.append(
+            f"| {r['set']} | {r['template']} | {_cell(r['prompt'])} | {_cell(r['base'])} | "
+            f"{_cell(r['tuned'])}{mark} |"
+        )
+    if result.warnings:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in result.warnings]]
+    return "\n".join(lines) + "\n"
+
+
+def score_table(result: ProbeResult) -> str:
+    """The scores as a Markdown table: one row per set and direction."""
+    lines = [
+        "| set | direction | n | exact base | exact tuned | change | lost | gained | "
+        "McNemar p | chrF base | chrF tuned | chrF change |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for s in result.scores:
+        lines.append(
+            f"| {s['set']} | {result.direction_name(s['direction'])} | {s['n']} | "
+            f"{_share(s['base'], s['n'])} | {_share(s['tuned'], s['n'])} | "
+            f"{_signed(100 * s['acc_change'], '.1f')} pt | {s['lost']} | {s['gained']} | "
+            f"{format_p(s['p'])} | {s['base_chrf']:.1f} | {s['tuned_chrf']:.1f} | "
+            f"{_signed(s['chrf_change'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def scores_markdown(result: ProbeResult, max_examples: int = 30) -> str:
+    """``probe_scores.md``: the table, how it was computed, the items whose hit changed."""
+    cfg = result.config
+    example = next((i["prompt"] for i in result.items), "")
+    cut_base = sum(s["base_cut"] for s in result.scores)
+    cut_tuned = sum(s["tuned_cut"] for s in result.scores)
+    lines = [
+        f"# Scored word translation: {result.model.get('name', '?')}, base vs. adapter "
+        f"`{result.adapter.get('dir', '?')}`",
+        "",
+        score_table(result),
+        "",
+        f"Few-shot prompts with {cfg.shots} shots drawn from the trained set only, never the "
+        "item itself nor a pair sharing its source or a translation; the same prompt for "
+        f"both models; greedy decoding, at most {cfg.score_max_new_tokens} new tokens. The "
+        "answer is the first non-blank line of the output, NFC, lower-cased, with "
+        "punctuation and quotes stripped from its ends. *Exact*: the answer equals the gold "
+        "translation or a listed alternative (target -> source: any source listing that "
+        "translation), normalised the same way. *lost* / *gained*: items right before and "
+        "wrong after, and the reverse; McNemar's exact two-sided test on them. *chrF*: "
+        "sacrebleu sentence chrF (char 6-grams, beta 2) of the normalised answer against "
+        "the best gold string, averaged. An answer whose line the token limit cut (no line "
+        "break, no end of text) counts as a miss"
+        + (
+            f" ({cut_base} base, {cut_tuned} tuned)."
+            if cut_base or cut_tuned
+            else " (there were none)."
+        ),
+        "",
+        "Example prompt:",
+        "",
+        "```",
+        example,
+        "```",
+    ]
+    changed = [i for i in result.items if i["base_hit"] != i["tuned_hit"]]
+    lines += ["", f"## Items whose hit changed ({len(changed)})", ""]
+    if changed:
+        lines += [
+            "| set | direction | word | gold | base answer | tuned answer |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for i in changed[:max_examples]:
+            lines.append(
+                f"| {i['set']} | {i['direction']} | {_cell(i['word'])} | "
+                f"{_cell('; '.join(i['gold']))} | {_cell(i['base_answer'])} | "
+                f"{_cell(i['tuned_answer'])} |"
+            )
+        if len(changed) > max_examples:
+            lines += ["", f"... and {len(changed) - max_examples} more in probe_scores.json."]
+    else:
+        lines.append("None.")
+    if result.warnings:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in result.warnings]]
+    return "\n".join(lines) + "\n"
+
+
+def probe_summary(result: ProbeResult) -> str:
+    """One line for a report: the scores when scored, else how many outputs changed."""
+    if result.scored:
+        return scores_line(result.scores, result.config)
+    data = result.probe_json()
+    return (
+        f"Probe: the tuned output differs from the base output in {data['n_changed']} of "
+        f"{data['n_prompts']} prompts (no scored translation)."
+    )
+
+
+# --- sweep ------------------------------------------------------------------------------------
+
+
+def label(value: Any) -> str:
+    """A grid value as text (lists joined by +)."""
+    if isinstance(value, (list, tuple)):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def _ci(v: Sequence[float], spec: str = ".3f") -> str:
+    """``mean [lo, hi]``."""
+    return f"{v[0]:{spec}} [{v[1]:{spec}}, {v[2]:{spec}}]"
+
+
+def sweep_markdown(
+    summary: Sequence[Mapping[str, Any]], base: Mapping[str, Any], grid: Grid
+) -> str:
+    """The ranked table (sweep.md)."""
+    axes = [a for a in grid.axes if a != "seed"]
+    lines = [
+        f"# Sweep: {len(grid.cells)} cells on {base['model']} ({base['pooling']} pooling)",
+        "",
+        f"Control set ({base['control']} pairs, never trained), final layer {base['num_layers']}."
+        " Each row: mean over seeds [95% t-interval over seeds]; `worst margin lo` is the lowest"
+        " per-seed bootstrap lower bound of the margin (> 0: every seed's margin CI excludes 0).",
+        "",
+        f"Base model: P@1 s2t NN {base['p_at_1_s2t_nn']:.3f}, CSLS {base['p_at_1_s2t_csls']:.3f},"
+        f" margin {base['margin']:+.4f} [{base['margin_lo']:+.4f}, {base['margin_hi']:+.4f}],"
+        f" pair cosine {base['pair_mean']:.3f}, baseline {base['baseline']:.3f}.",
+        "",
+        "| rank | " + " | ".join(axes) + " | seeds | P@1 s2t NN | x base | P@1 s2t CSLS "
+        "| P@1 t2s NN | margin | worst margin lo | pair cos | baseline | train s | verdicts |",
+        "|" + "---|" * (len(axes) + 12),
+    ]
+    for i, r in enumerate(summary, 1):
+        ratio = f"{r['ratio_vs_base']:.1f}" if r["ratio_vs_base"] is not None else "-"
+        lines.append(
+            f"| {i} | "
+            + " | ".join(label(r["axes"][a]) for a in axes)
+            + f" | {r['seeds']} | {_ci(r['p_at_1_s2t_nn'])} | {ratio} | "
+            f"{_ci(r['p_at_1_s2t_csls'])} | {_ci(r['p_at_1_t2s_nn'])} | "
+            f"{_ci(r['margin'], '+.4f')} | {r['worst_margin_lo']:+.4f} | "
+            f"{r['pair_mean'][0]:.3f} | {r['baseline'][0]:.3f} | {r['train_seconds']:.0f} | "
+            f"{', '.join(r['verdicts'])} |"
+        )
+    return "\n".join(lines) + "\n"
