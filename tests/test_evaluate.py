@@ -251,7 +251,7 @@ def figs(**kw):
 
 
 def test_verdict_on_the_papers_collapse():
-    # DESIGN.md, fact 2: 0.377 -> 0.554 on pairs, 0.350 -> 0.546 on mismatched pairs.
+    # docs/design.md, fact 2: 0.377 -> 0.554 on pairs, 0.350 -> 0.546 on mismatched pairs.
     fig = figs(
         pair_post=0.554,
         baseline_post=0.546,

@@ -2,7 +2,7 @@
 
 The forward pass goes through the decoder only (never the LM head) and stops after the
 deepest block that a requested layer needs. Layer indices follow ``output_hidden_states``
-(DESIGN.md, fact 3): 0 = input embeddings, i = output of block i-1, N = final (after the norm).
+(docs/design.md, fact 3): 0 = input embeddings, i = output of block i-1, N = final (after the norm).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation: the base model vs. the base model with the adapter merged (paper, sec. 3.5 and 4).
 
 Every string of every set is embedded at every layer 0..N (0 = input embeddings, N = final;
-DESIGN.md, fact 3), in one decoder pass per batch, first by the base model and then by the same
+docs/design.md, fact 3), in one decoder pass per batch, first by the base model and then by the same
 model with the LoRA adapter merged (``merge_and_unload``). Per set and layer the evaluation
 reports the paper's figures (mean (std) of the per-pair cosine pre and post, absolute and %
 change, paired t-test) and what is needed to read them: Wilcoxon, a bootstrap CI of the mean
@@ -9,7 +9,7 @@ change, Cohen's d_z, the mismatched-pair baseline, the margin (pairs minus basel
 *paired* bootstrap CI of its change, and retrieval P@1/P@5/MRR (nearest neighbour and CSLS, both
 directions) with an exact McNemar test of the P@1 change. A verdict per set and layer
 (:mod:`tli.verdict`) says whether the adapter aligned translations or only raised raw cosine
-(DESIGN.md, fact 2). The headline layer is the final one (the paper's protocol); the adapter's
+(docs/design.md, fact 2). The headline layer is the final one (the paper's protocol); the adapter's
 training layer is marked in every table.
 
 An evaluation directory holds::
@@ -82,7 +82,7 @@ class EvalConfig:
         metadata={
             "help": "mean (the word's own tokens), mean_all (all attention-masked tokens, the "
             "paper's sec. 3.5) or last; use the pooling the adapter was trained with "
-            "(DESIGN.md, fact 3: one pooling everywhere)"
+            "(docs/design.md, fact 3: one pooling everywhere)"
         },
     )
     batch_size: int = field(

@@ -5,11 +5,11 @@ vectors, where row i of ``positive`` is the translation of row i of ``anchor``. 
 ``positive`` are the in-batch candidates for negatives. An optional ``gold`` (B, B) bool mask marks
 ``gold[i, j] = True`` when positive j is also a listed correct translation of anchor i (several
 glosses of one word, duplicate glosses); the diagonal is always treated as True. A gold candidate is
-never used as a negative (DESIGN.md, measured fact 6).
+never used as a negative (docs/design.md, fact 6).
 
 Inputs need not be normalised: every function L2-normalises internally, so "similarity" means
 cosine. Computation runs in at least float32 whatever the input dtype, because bf16 cosines near 1
-(the anisotropic regime of DESIGN.md, measured fact 1) are too coarse to rank negatives.
+(the anisotropic regime of docs/design.md, fact 1) are too coarse to rank negatives.
 
 An anchor whose candidates are all gold has no negative: it adds no term and is left out of the
 mean. A batch where no anchor has a negative, or a batch of fewer than 2 pairs, raises
@@ -312,7 +312,7 @@ def uniformity(x: Tensor, t: float = 2.0) -> Tensor:
     Optimises ``log mean_{i != j} exp(-t * ||x_i - x_j||^2)`` over normalised rows of ``x``
     (Wang and Isola 2020, "Understanding Contrastive Representation Learning through Alignment
     and Uniformity on the Hypersphere"). Lower is more uniform; it reaches its maximum, 0, when all
-    vectors coincide (collapse), which is the failure mode of DESIGN.md measured fact 2. Squared
+    vectors coincide (collapse), which is the failure mode of docs/design.md, fact 2. Squared
     distances are taken as ``2 - 2 cos`` so collapsed points still have finite gradients.
 
     Args:
@@ -381,7 +381,7 @@ def center_batch(x: Tensor) -> Tensor:
     """Subtract the batch mean from every row, for "centred" variants of the losses.
 
     Mean-centring removes the common direction that makes pooled hidden states anisotropic
-    (DESIGN.md measured fact 1), as MUSE and vecmap centre embeddings before mapping. Apply it to
+    (docs/design.md, fact 1), as MUSE and vecmap centre embeddings before mapping. Apply it to
     each language's batch separately, then pass the result to a loss (which normalises).
 
     Args:
@@ -454,9 +454,9 @@ def contrastive_objective(
     Optimises ``pair_loss(c(a), c(p)) + w * (uniformity(c(a)) + uniformity(c(p))) / 2``, where
     ``c`` subtracts a per-language mean (or is the identity) and ``pair_loss`` is one of
     :data:`LOSSES`. Centring removes the shared direction that makes mean-pooled states
-    anisotropic (DESIGN.md, fact 1), so the pair loss ranks words by what distinguishes them;
+    anisotropic (docs/design.md, fact 1), so the pair loss ranks words by what distinguishes them;
     the uniformity term (Wang and Isola 2020) pushes the whole batch apart and penalises the
-    collapse of DESIGN.md, fact 2. ``pos_sim`` and ``neg_sim`` are those of the pair loss, on
+    collapse of docs/design.md, fact 2. ``pos_sim`` and ``neg_sim`` are those of the pair loss, on
     the vectors it saw.
 
     Args:

@@ -11,7 +11,8 @@ the caller forgot to normalise. Nothing here knows about models, devices or file
 
 Why these metrics: mean-pooled hidden states are anisotropic (any two words can have cosine > 0.9),
 so a raw pair cosine means nothing without the **mismatched-pair baseline**, the **margin** (pairs
-minus baseline) and **retrieval** P@k / MRR (nearest neighbour and CSLS); see DESIGN.md, fact 1.
+minus baseline) and **retrieval** P@k / MRR (nearest neighbour and CSLS); see docs/design.md,
+fact 1.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def margin(src: torch.Tensor, tgt: torch.Tensor, gold: torch.Tensor) -> torch.Te
     """Alignment margin: mean pair cosine minus the mismatched-pair baseline.
 
     Positive when translations are closer than unrelated words; a training run that raises the pair
-    cosine by collapsing the space leaves it near zero (DESIGN.md, fact 2).
+    cosine by collapsing the space leaves it near zero (docs/design.md, fact 2).
 
     Args:
         src: Source vectors ``(..., B, D)``.

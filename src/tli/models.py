@@ -8,7 +8,7 @@ A model is named by one of:
 
 GGUF weights are de-quantised once and cached as safetensors under :func:`cache_root`, so
 later loads take seconds. ``max_layer=L`` builds the model with the embeddings and blocks
-``0..L-1`` only, and reads no deeper block's weights (DESIGN.md, fact 4).
+``0..L-1`` only, and reads no deeper block's weights (docs/design.md, fact 4).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The layer scan: the paper's pilot study (sec. 3.2), with the controls it lacked.
 
-For every layer 0..N (0 = input embeddings, N = final; DESIGN.md, fact 3) and every set of
+For every layer 0..N (0 = input embeddings, N = final; docs/design.md, fact 3) and every set of
 pairs (trained, control), the scan reports the paper's metric (mean and std of the translation
 pair cosine) beside what is needed to read it: the mismatched-pair baseline, the margin (pairs
 minus baseline) with a seeded bootstrap CI, and retrieval (P@1, P@5, MRR; nearest neighbour and
@@ -61,7 +61,8 @@ class ScanConfig:
         metadata={
             "help": "how token states become one vector: mean (over the word's own tokens), "
             "mean_all (all attention-masked tokens, BOS included: the paper's pilot, sec. 3.2) "
-            "or last. tli pools one way everywhere (DESIGN.md, fact 3), so the default is mean",
+            "or last. tli pools one way everywhere (docs/design.md, fact 3), so the default is "
+            "mean",
         },
     )
     center: bool = field(
@@ -102,7 +103,7 @@ class ScanConfig:
         default=0.9,
         metadata={
             "help": "warn when the chosen layer's mismatched baseline is above this "
-            "(DESIGN.md, fact 1: 0.91-0.99 at layers 1-17 of gemma-3-270m)"
+            "(docs/design.md, fact 1: 0.91-0.99 at layers 1-17 of gemma-3-270m)"
         },
     )
 
@@ -339,8 +340,8 @@ def check_choice(
     """Warnings and notes about a chosen layer, for every set.
 
     Warns when the margin CI includes zero (or lies below it), when the mismatched baseline is
-    above ``baseline_warn`` (DESIGN.md, fact 1), and when layer 0 is chosen (no block lies
-    below it, so training there has nothing to train; DESIGN.md, fact 4). Notes when layer N is
+    above ``baseline_warn`` (docs/design.md, fact 1), and when layer 0 is chosen (no block lies
+    below it, so training there has nothing to train; docs/design.md, fact 4). Notes when layer N is
     chosen (the layer the evaluation measures).
 
     Returns:

@@ -4,7 +4,7 @@ Every other module asks here for the decoder (the transformer without its LM hea
 blocks, the final norm and the LM head, so a new architecture is supported by one entry in
 :data:`LAYOUTS` and one tiny-model test (as tuned-lens ``model_surgery.py`` does).
 
-Layer indices follow ``output_hidden_states`` (DESIGN.md, fact 3): index 0 is the input of
+Layer indices follow ``output_hidden_states`` (docs/design.md, fact 3): index 0 is the input of
 block 0 (the embeddings, scaled where the architecture scales them), index ``i`` is the output
 of block ``i - 1``, and index ``N`` ("final") is the output of the last block after the final norm.
 """

@@ -1,8 +1,8 @@
 """TLI training: LoRA (peft) and a contrastive loss on pooled states at one layer (paper, sec. 3.4).
 
-The loss at layer L depends only on blocks 0..L-1 (DESIGN.md, fact 4), so by default the model is
-built with those blocks only and the adapters sit only there: deeper adapters would get no
-gradient and, with LoRA's B initialised to zero, stay the identity. The trained function is the
+The loss at layer L depends only on blocks 0..L-1 (docs/design.md, fact 4), so by default the
+model is built with those blocks only and the adapters sit only there: deeper adapters would get
+no gradient and, with LoRA's B initialised to zero, stay the identity. The trained function is the
 same as the paper's; the steps are an order of magnitude cheaper.
 
 A training directory holds::

@@ -43,7 +43,7 @@ def config_reference() -> str:
         "| `preset` | `paper` | named set of values: " + ", ".join(f"`{p}`" for p in PRESETS)
         + " (below) |",
         "| `pooling` | `mean_all` | how a word's token states become one vector, for the scan, "
-        "training and evaluation alike (DESIGN.md, fact 3): `mean_all` (all attention-masked "
+        "training and evaluation alike (docs/design.md, fact 3): `mean_all` (all attention-masked "
         "tokens, BOS included: the paper, sec. 3.2-3.5), `mean` (the word's own tokens) or "
         "`last` |",
         "",
