@@ -645,3 +645,57 @@ def test_cli_check_on_bundled_lexicon(run_cli):
     assert code == 0, err
     assert err == ""
     assert "leakage between trained and control: none" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# One loader for every command
+
+
+class _Reached(Exception):
+    """Raised by the spy loader: the command got as far as reading its pair sets."""
+
+
+@pytest.mark.parametrize("command", ["run", "scan", "train", "evaluate", "probe", "sweep"])
+def test_every_command_reads_its_pair_sets_through_load_sets(
+    command, monkeypatch, tmp_path, tiny_model_dir
+):
+    """`tli.pairs.load_sets` is the one rule for --pairs, --control and a split column."""
+    import tli.pairs
+    from tli.cli import main
+
+    calls = []
+
+    def spy(file=None, control=None, **kwargs):
+        calls.append((file, control, kwargs))
+        raise _Reached
+
+    pairs = write(tmp_path / "pairs.tsv", "swahili\tenglish\nmaji\twater\nmoto\tfire\n")
+    adapter = tmp_path / "adapter"
+    if command in ("evaluate", "probe"):  # a real (random) peft adapter: read before the pairs
+        from peft import LoraConfig, get_peft_model
+
+        from conftest import tiny_model
+
+        model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+        model.save_pretrained(adapter)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f'[sweep]\nmodel = "{tiny_model_dir}"\npairs = "{pairs}"\n'
+        '[train]\nlayer = 1\n[grid]\nseed = [0]\n'
+    )
+    argv = {
+        "run": ["run", "--model", tiny_model_dir, "--pairs", pairs, "--out", tmp_path / "r"],
+        "scan": ["scan", "--model", tiny_model_dir, "--pairs", pairs, "--out", tmp_path / "s"],
+        "train": ["train", "--model", tiny_model_dir, "--pairs", pairs, "--layer", "1",
+                  "--out", tmp_path / "t"],
+        "evaluate": ["evaluate", "--adapter", adapter, "--model", tiny_model_dir,
+                     "--pairs", pairs, "--out", tmp_path / "e"],
+        "probe": ["probe", "--adapter", adapter, "--model", tiny_model_dir,
+                  "--pairs", pairs, "--out", tmp_path / "p"],
+        "sweep": ["sweep", "--grid", grid, "--out", tmp_path / "w"],
+    }[command]  # fmt: skip
+    monkeypatch.setattr(tli.pairs, "load_sets", spy)
+    with pytest.raises(_Reached):
+        main([str(a) for a in argv])
+    assert len(calls) == 1
+    assert Path(calls[0][0]).resolve() == pairs.resolve()

@@ -263,14 +263,9 @@ def toml_loads(text: str) -> dict[str, Any]:
 
 def read_toml(path: Path | str) -> dict[str, Any]:
     """A TOML file as a dict; a TLIError naming the file (and line) when it is bad."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TLIError(f"{path}: no such file") from None
-    except OSError as err:
-        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
+    from tli.io import read_text
+
+    text = read_text(path)
     try:
         return toml_loads(text)
     except Exception as err:  # tomllib.TOMLDecodeError

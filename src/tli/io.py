@@ -105,18 +105,23 @@ def is_leftover(name: str) -> bool:
     )
 
 
+def _check_creatable(path: Path, what: str) -> None:
+    """Raise unless the nearest existing ancestor of ``path`` is a writable directory."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TLIError(f"{path}: cannot create {what}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TLIError(f"{path}: cannot create {what}: {parent} is not writable")
+
+
 def check_out_file(path: Path | str) -> None:
     """Fail early (before a model is loaded) if a file cannot be written at ``path``."""
     path = Path(path)
     if path.is_dir():
         raise TLIError(f"{path}: is a directory, cannot write a file there")
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise TLIError(f"{path}: cannot create it: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TLIError(f"{path}: cannot create it: {parent} is not writable")
+    _check_creatable(path, "it")
 
 
 def current_umask() -> int:
@@ -182,13 +187,19 @@ def ensure_writable_dir(path: Path | str) -> None:
         if not os.access(path, os.W_OK | os.X_OK):
             raise TLIError(f"{path}: directory is not writable")
         return
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise TLIError(f"{path}: cannot create directory: {parent} is not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise TLIError(f"{path}: cannot create directory: {parent} is not writable")
+    _check_creatable(path, "directory")
+
+
+def read_text(path: Path | str) -> str:
+    """The UTF-8 text of a file; a one-line TLIError naming the file when it cannot be read."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TLIError(f"{path}: no such file") from None
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
 
 
 def read_json(path: Path | str) -> dict[str, Any]:

@@ -370,6 +370,7 @@ def run_sweep(
     """Run every unfinished cell (one after another, or ``jobs`` processes), then summarise."""
     from tli.models import ModelConfig, load_model
 
+    _sets(grid.sweep)  # bad pairs fail before anything is written or loaded
     sweep_dir = ensure_dir(sweep_dir)
     jobs = jobs or grid.sweep.jobs
     if grid_text is not None:

@@ -1,9 +1,9 @@
 """The `tli` command: parse arguments, call a stage, turn user errors into one line.
 
-One module per command under ``tli.cli`` exposes ``register(subparsers)``, which adds its
-subcommand and sets ``func`` to a small function that parses the options, calls the stage and
-prints a summary. Only these modules know argparse; the stages take config dataclasses. This
-file only dispatches.
+One module per command under ``tli.cli`` declares ``NAME``, ``HELP`` and ``DESCRIPTION``,
+``add_arguments(parser)`` and ``run(args) -> exit code``, which parses the options into config
+dataclasses, calls the stage and prints a summary. Only these modules know argparse. This file
+only registers them and dispatches.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in COMMANDS:
-        importlib.import_module(name).register(sub)
+        command = importlib.import_module(name)
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
     return parser
 
 

@@ -10,15 +10,16 @@ from tli.cli.options import add_model_arguments, model_config
 from tli.embed import POOLINGS
 from tli.errors import TLIError
 
+NAME = "embed"
+HELP = "pooled, normalised vectors of words at chosen layers"
+DESCRIPTION = (
+    "Embed words (one pass per batch, all requested layers at once) and write "
+    "them to a safetensors file as a (L, B, D) tensor."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli embed``."""
-    p = sub.add_parser(
-        "embed",
-        help="pooled, normalised vectors of words at chosen layers",
-        description="Embed words (one pass per batch, all requested layers at once) and write "
-        "them to a safetensors file as a (L, B, D) tensor.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli embed``."""
     p.add_argument("words", nargs="*", metavar="WORD", help="strings to embed")
     p.add_argument("--file", type=Path, help="read strings from this file, one per line")
     p.add_argument("--layers", default="all", help="e.g. 0,2,final or 0-5 or all (default)")
@@ -26,27 +27,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     add_model_arguments(p)
     p.add_argument("--out", type=Path, default=Path("vectors.safetensors"))
-    p.set_defaults(func=_run)
 
 
 def read_lines(path: Path) -> list[str]:
     """The strings of a file, one per line; a blank line is an error naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TLIError(f"{path}: no such file") from None
-    except OSError as err:
-        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
-    except UnicodeDecodeError as err:
-        raise TLIError(f"{path}: cannot read: not UTF-8 (at byte offset {err.start})") from None
-    lines = text.splitlines()
+    from tli.io import read_text
+
+    lines = read_text(path).splitlines()
     for i, line in enumerate(lines, 1):
         if not line.strip():
             raise TLIError(f"{path}: line {i}: empty or whitespace-only string")
     return [line.strip() for line in lines]
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli embed``; returns the exit code."""
     from tli import surgery
     from tli.embed import check_texts, embed, parse_layers
     from tli.io import atomic_write_safetensors, check_out_file

@@ -4,51 +4,43 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from tli.cli.options import (
-    adapter_and_model,
+    adapter_command,
     add_adapter_arguments,
     add_pair_arguments,
-    checked_sets,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, EvalConfig
 
+NAME = "evaluate"
+HELP = "base vs. base + adapter: Tables 1 and 2, baseline, margin, retrieval, verdict"
+DESCRIPTION = (
+    "Embed every pair of the trained and control sets at every layer with the "
+    "base model and with the adapter merged; report per set and layer the paper's Table 1 "
+    "(mean (std), change, paired t-test) with the mismatched-pair baseline, the margin and "
+    "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2. "
+    "Writes pairs.csv, evaluation.json, evaluation.md and vectors.safetensors to --out."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli evaluate``."""
-    p = sub.add_parser(
-        "evaluate",
-        help="base vs. base + adapter: Tables 1 and 2, baseline, margin, retrieval, verdict",
-        description="Embed every pair of the trained and control sets at every layer with the "
-        "base model and with the adapter merged; report per set and layer the paper's Table 1 "
-        "(mean (std), change, paired t-test) with the mismatched-pair baseline, the margin and "
-        "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2. "
-        "Writes pairs.csv, evaluation.json, evaluation.md and vectors.safetensors to --out.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli evaluate``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
     )
     add_dataclass_arguments(p, EvalConfig)
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli evaluate``; returns the exit code."""
     from tli.evaluate import evaluate
-    from tli.io import ensure_writable_dir
-    from tli.models import load_model
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
-    ensure_writable_dir(args.out)
-    info, model_cfg = adapter_and_model(args)
-    sets = checked_sets(args, "the evaluation")
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    load_s = time.perf_counter() - start
+    info, sets, loaded, load_s = adapter_command(args, "the evaluation")
     result = evaluate(loaded, info.dir, sets, cfg, args.out)
     print("\n".join(result.verdict_lines()))
     print()

@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from tli import pairs
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.errors import TLIError
 from tli.models import DEFAULT_MODEL, EMBEDDED, ModelConfig
-from tli.pairs import SRC_KEY, TGT_KEY, PairSets, check_sets, load_sets
+from tli.pairs import SRC_KEY, TGT_KEY, PairSets, check_sets
 
 
 def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = False) -> None:
@@ -56,7 +57,7 @@ def add_key_arguments(p: argparse.ArgumentParser) -> None:
 
 def pair_sets(args: argparse.Namespace) -> PairSets:
     """The sets of ``--pairs`` / ``--control`` by :func:`tli.pairs.load_sets`, leakage warned."""
-    sets = load_sets(
+    sets = pairs.load_sets(
         args.pairs,
         getattr(args, "control", None),
         src_key=args.src_key,
@@ -91,6 +92,30 @@ def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
         help="peft adapter directory (e.g. runs/train/final) or a training directory",
     )
     add_model_arguments(p, adapter=True)
+
+
+def adapter_command(
+    args: argparse.Namespace, stage: str
+) -> tuple[Any, dict[str, list], Any, float]:
+    """The start of a command that compares a base model with an adapter (evaluate, probe).
+
+    Checks ``--out``, reads the adapter, then the pair sets (both before any model is loaded),
+    then loads the base model.
+
+    Returns:
+        ``(adapter info, sets, loaded base model, seconds the load took)``.
+    """
+    import time
+
+    from tli.io import ensure_writable_dir
+    from tli.models import load_model
+
+    ensure_writable_dir(args.out)
+    info, model_cfg = adapter_and_model(args)
+    sets = checked_sets(args, stage)
+    start = time.perf_counter()
+    loaded = load_model(model_cfg)
+    return info, sets, loaded, time.perf_counter() - start
 
 
 def adapter_and_model(args: argparse.Namespace) -> tuple[Any, ModelConfig]:

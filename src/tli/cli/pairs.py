@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Any
 
 from tli.cli.options import add_key_arguments
 from tli.errors import TLIError
@@ -97,14 +96,14 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add ``tli pairs check`` and ``tli pairs split``."""
-    parser = subparsers.add_parser(
-        "pairs",
-        help="check and split word-pair files",
-        description="Read, validate, summarise and split word-pair files.",
-    )
-    sub = parser.add_subparsers(dest="pairs_command", metavar="ACTION", required=True)
+NAME = "pairs"
+HELP = "check and split word-pair files"
+DESCRIPTION = "Read, validate, summarise and split word-pair files."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli pairs``."""
+    sub = p.add_subparsers(dest="pairs_command", metavar="ACTION", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("file", metavar="FILE", help="pair file (.json, .jsonl, .csv, .tsv)")
@@ -124,7 +123,7 @@ def register(subparsers: Any) -> None:
         "--allow-overlap", action="store_true", help="report leakage as a warning, not an error"
     )
     check.add_argument("--model", metavar="M", help="also count tokens per entry with M")
-    check.set_defaults(func=_cmd_check)
+    check.set_defaults(pairs_func=_cmd_check)
 
     split = sub.add_parser(
         "split",
@@ -141,4 +140,9 @@ def register(subparsers: Any) -> None:
         help="share of each category held out as control (default: 0.1)",
     )
     split.add_argument("--out", required=True, metavar="OUT.tsv", help="output TSV (may be FILE)")
-    split.set_defaults(func=_cmd_split)
+    split.set_defaults(pairs_func=_cmd_split)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli pairs check`` or ``tli pairs split``; returns the exit code."""
+    return args.pairs_func(args)

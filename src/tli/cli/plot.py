@@ -8,17 +8,17 @@ from pathlib import Path
 
 from tli.errors import TLIError
 
+NAME = "plot"
+HELP = "redraw the figures of a results directory"
+DESCRIPTION = (
+    "Redraw every figure from the saved results in DIR (no model is loaded): "
+    "scan.png from scan.json."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli plot``."""
-    p = sub.add_parser(
-        "plot",
-        help="redraw the figures of a results directory",
-        description="Redraw every figure from the saved results in DIR (no model is loaded): "
-        "scan.png from scan.json.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli plot``."""
     p.add_argument("directory", type=Path, metavar="DIR", help="a scan or run directory")
-    p.set_defaults(func=_run)
 
 
 def redraw(directory: str | os.PathLike[str]) -> list[Path]:
@@ -51,7 +51,8 @@ def redraw(directory: str | os.PathLike[str]) -> list[Path]:
     return written
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli plot``; returns the exit code."""
     for path in redraw(args.directory):
         print(f"wrote {path}")
     return 0

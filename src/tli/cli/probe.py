@@ -4,43 +4,40 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from tli.cli.options import (
-    adapter_and_model,
+    adapter_command,
     add_adapter_arguments,
     add_pair_arguments,
-    checked_sets,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.probe import PROBE_JSON, PROBE_MD, SCORES_JSON, SCORES_MD, TEXT_FIELDS, ProbeConfig
 
+NAME = "probe"
+HELP = "generate from base and tuned model; --score: few-shot word translation + McNemar"
+DESCRIPTION = (
+    "Probe an adapter with prompt templates (translation both ways, a "
+    "code-switched sentence, a contextual definition): greedy output of the base and the "
+    "tuned model side by side (probe.md, probe.json). With --score, also few-shot word "
+    "translation of the trained and control sets in both directions, exact match and chrF, "
+    "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). "
+    "See docs/probe.md."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli probe``."""
-    p = sub.add_parser(
-        "probe",
-        help="generate from base and tuned model; --score: few-shot word translation + McNemar",
-        description="Probe an adapter with prompt templates (translation both ways, a "
-        "code-switched sentence, a contextual definition): greedy output of the base and the "
-        "tuned model side by side (probe.md, probe.json). With --score, also few-shot word "
-        "translation of the trained and control sets in both directions, exact match and chrF, "
-        "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). "
-        "See docs/probe.md.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli probe``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("probe"), help="output directory (default: probe)"
     )
     add_dataclass_arguments(p, ProbeConfig, skip=("enabled",))
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from tli.io import ensure_writable_dir
-    from tli.models import load_model
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli probe``; returns the exit code."""
     from tli.probe import probe
 
     overrides = overrides_from_args(ProbeConfig, args)
@@ -48,12 +45,7 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(overrides.get(key), str):
             overrides[key] = overrides[key].replace("\\n", "\n")
     cfg = build(ProbeConfig, overrides)
-    ensure_writable_dir(args.out)
-    info, model_cfg = adapter_and_model(args)
-    sets = checked_sets(args, "the probe")
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    load_s = time.perf_counter() - start
+    info, sets, loaded, load_s = adapter_command(args, "the probe")
     result = probe(loaded, info.dir, sets, cfg, args.out)
     print(result.summary_line())
     if result.scored:

@@ -40,7 +40,8 @@ def config_reference() -> str:
         "",
         "| key | default | meaning and source |",
         "| --- | --- | --- |",
-        "| `preset` | `paper` | named set of values: " + ", ".join(f"`{p}`" for p in PRESETS)
+        "| `preset` | `paper` | named set of values: "
+        + ", ".join(f"`{p}`" for p in PRESETS)
         + " (below) |",
         "| `pooling` | `mean_all` | how a word's token states become one vector, for the scan, "
         "training and evaluation alike (docs/design.md, fact 3): `mean_all` (all attention-masked "
@@ -51,8 +52,14 @@ def config_reference() -> str:
     for name, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         doc = (cls.__doc__ or "").strip().splitlines()[0]
-        lines += [f"## `[{name}]`", "", doc, "", "| key | default | meaning and source |",
-                  "| --- | --- | --- |"]
+        lines += [
+            f"## `[{name}]`",
+            "",
+            doc,
+            "",
+            "| key | default | meaning and source |",
+            "| --- | --- | --- |",
+        ]
         for f in dataclasses.fields(cls):
             if f.name == "pooling":
                 continue

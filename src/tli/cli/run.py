@@ -15,15 +15,16 @@ from tli.pipeline.presets import PRESETS
 from tli.pipeline.rundir import prepare_run_dir
 from tli.pipeline.runner import run_pipeline
 
+NAME = "run"
+HELP = "the whole protocol: pairs, scan, layer choice, train, evaluate, figures, report"
+DESCRIPTION = (
+    "Run the TLI protocol end to end into a run directory. Defaults: the "
+    "embedded gemma-3-270m, the bundled lexicon and its split, the paper's settings."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli run``."""
-    p = sub.add_parser(
-        "run",
-        help="the whole protocol: pairs, scan, layer choice, train, evaluate, figures, report",
-        description="Run the TLI protocol end to end into a run directory. Defaults: the "
-        "embedded gemma-3-270m, the bundled lexicon and its split, the paper's settings.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli run``."""
     p.add_argument(
         "--config",
         type=Path,
@@ -43,10 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set train.epochs=3 (repeatable)",
     )
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli run``; returns the exit code."""
     if args.resume is not None and (
         args.config or args.preset or args.set or args.model or args.pairs or args.out
     ):

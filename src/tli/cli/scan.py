@@ -11,28 +11,29 @@ from tli.cli.options import add_model_arguments, add_pair_arguments, checked_set
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.scan import CSV_NAME, JSON_NAME, PNG_NAME, ScanConfig
 
+NAME = "scan"
+HELP = "layer scan: alignment at every layer, with baseline, margin and retrieval"
+DESCRIPTION = (
+    "Embed every word of the pair sets at every layer 0..N (one pass per "
+    "batch), report per layer and set the mean pair cosine (the paper's pilot metric), "
+    "the mismatched-pair baseline, the margin with a bootstrap CI and retrieval P@1/P@5/"
+    "MRR (NN and CSLS, both directions), choose a layer and write scan.csv, scan.json "
+    "and scan.png to --out."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli scan``."""
-    p = sub.add_parser(
-        "scan",
-        help="layer scan: alignment at every layer, with baseline, margin and retrieval",
-        description="Embed every word of the pair sets at every layer 0..N (one pass per "
-        "batch), report per layer and set the mean pair cosine (the paper's pilot metric), "
-        "the mismatched-pair baseline, the margin with a bootstrap CI and retrieval P@1/P@5/"
-        "MRR (NN and CSLS, both directions), choose a layer and write scan.csv, scan.json "
-        "and scan.png to --out.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli scan``."""
     add_pair_arguments(p)
     add_dataclass_arguments(p, ScanConfig)
     add_model_arguments(p)
     p.add_argument(
         "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
     )
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli scan``; returns the exit code."""
     from tli.io import ensure_writable_dir
     from tli.models import load_model
     from tli.plots import plot_scan

@@ -7,24 +7,25 @@ from pathlib import Path
 
 from tli.errors import TLIError
 
+NAME = "sweep"
+HELP = "train a grid of objectives and rank them on the control set"
+DESCRIPTION = (
+    "Train every cell of a grid (objectives x loss layers x adapted layers x "
+    "seeds ...) and evaluate each on the control set at the final layer: margin with CI, "
+    "P@1 NN and CSLS. Resumable: finished cells are skipped."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli sweep``."""
-    p = sub.add_parser(
-        "sweep",
-        help="train a grid of objectives and rank them on the control set",
-        description="Train every cell of a grid (objectives x loss layers x adapted layers x "
-        "seeds ...) and evaluate each on the control set at the final layer: margin with CI, "
-        "P@1 NN and CSLS. Resumable: finished cells are skipped.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli sweep``."""
     p.add_argument("--grid", type=Path, required=True, help="grid TOML file (see tli.sweep)")
     p.add_argument("--out", type=Path, default=Path("runs/sweep"), help="sweep directory")
     p.add_argument("--jobs", type=int, help="cells at once, each in its own process")
     p.add_argument("--dry-run", action="store_true", help="list the cells and stop")
-    p.set_defaults(func=_run)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli sweep``; returns the exit code."""
     from tli.sweep import read_grid, run_sweep
 
     text = Path(args.grid).read_text(encoding="utf-8") if Path(args.grid).is_file() else None

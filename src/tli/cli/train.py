@@ -11,16 +11,17 @@ from tli.errors import TLIError
 from tli.pipeline.presets import PRESETS, train_values
 from tli.train import TrainConfig
 
+NAME = "train"
+HELP = "train LoRA adapters with a contrastive loss at the target layer"
+DESCRIPTION = (
+    "TLI training (paper, sec. 3.4), depth-truncated: only blocks below the "
+    "target layer are built and run. Writes peft adapters, logs and checkpoints. The "
+    "trained set of --pairs is used (every pair of a file without a split column)."
+)
 
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``tli train``."""
-    p = sub.add_parser(
-        "train",
-        help="train LoRA adapters with a contrastive loss at the target layer",
-        description="TLI training (paper, sec. 3.4), depth-truncated: only blocks below the "
-        "target layer are built and run. Writes peft adapters, logs and checkpoints. The "
-        "trained set of --pairs is used (every pair of a file without a split column).",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``tli train``."""
     add_pair_arguments(p, control=False)
     p.add_argument(
         "--preset",
@@ -31,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     add_dataclass_arguments(p, TrainConfig)
     add_model_arguments(p)
-    p.set_defaults(func=_run)
 
 
 def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
@@ -51,7 +51,8 @@ def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
     return build(TrainConfig, saved["train"]), saved["model"], read_pairs(pairs)
 
 
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Run ``tli train``; returns the exit code."""
     from tli import surgery
     from tli.io import ensure_writable_dir
     from tli.models import ModelConfig, load_config, load_model
