@@ -696,9 +696,9 @@ def test_bundled_lexicon_is_clean_and_big_enough(caplog):
     header = LEXICON.read_text(encoding="utf-8").split("\n", 1)[0]
     assert header == "swahili\tenglish\talternatives\tpos\tcategory\troot\tis_stem\tsplit"
     sets = split_sets(pairs)
-    assert len(pairs) >= 800
+    assert len(pairs) >= 1500
     assert sum(p.is_multiword for p in pairs) >= 60
-    assert len(sets["control"]) >= 70
+    assert len(sets["control"]) >= 250
     assert all(p.split in ("trained", "control") for p in pairs)
     assert all(p.pos and p.category for p in pairs)
     assert all(p.is_stem == p.source.startswith("-") for p in pairs)
