@@ -20,11 +20,15 @@ from tli import cli
 from tli.errors import TLIError
 from tli.pairs import (
     FORMATS,
+    MAX_CONTROL_GROUP,
     Pair,
+    _components,
     check_leakage,
     gloss_keys,
     gold_keys,
     group_pairs,
+    is_calendar,
+    is_loanword,
     leakage_keys,
     load_lexicon,
     read_pairs,
@@ -492,6 +496,8 @@ def _tsv(pairs) -> str:
 def test_cli_split_writes_the_split_in_place(tmp_path, run_cli):
     path = write(tmp_path / "lex.tsv", _tsv(SYNTHETIC))
     path.chmod(0o644)
+    # The split of what the CLI reads: _tsv leaves out alternatives, which relate pairs.
+    expected = split_pairs(read_pairs(path), seed=2)
     code, out, _ = run_cli("pairs", "split", str(path), "--seed", "2", "--out", str(path))
     assert code == 0 and f"{N_CONTROL} control" in out
     first = path.read_bytes()
@@ -502,7 +508,7 @@ def test_cli_split_writes_the_split_in_place(tmp_path, run_cli):
     assert path.stat().st_mode & 0o777 == 0o644
     assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
     stored = read_pairs(path)
-    assert _splits(stored) == _splits(split_pairs(SYNTHETIC, seed=2))
+    assert _splits(stored) == _splits(expected)
     assert run_cli("pairs", "split", str(path), "--seed", "2", "--out", str(path))[0] == 0
     assert path.read_bytes() == first
     code, out, _ = run_cli("pairs", "check", str(path))
@@ -615,6 +621,71 @@ def test_readers_never_raise_anything_but_tlierror(data):
 
 
 # ---------------------------------------------------------------------------------------------
+# Loanwords, calendar names and group sizes in the split
+
+
+def test_is_loanword_hand_cases():
+    for source, target in [
+        ("benki", "bank"),
+        ("tiketi", "ticket"),
+        ("februari", "february"),
+        ("hospitali", "hospital"),
+        ("shati", "shirt"),  # without its final vowel
+        ("kiswahili", "swahili"),  # contains the gloss
+    ]:
+        assert is_loanword(Pair(source, target)), source
+    assert is_loanword(Pair("-benki", "money", ("bank",)))  # an alternative, hyphen dropped
+    for source, target in [
+        ("mbwa", "dog"),
+        ("jua", "sun"),
+        ("na", "and"),
+        ("au", "or"),
+        ("kitabu", "book"),
+    ]:
+        assert not is_loanword(Pair(source, target)), source
+
+
+def test_is_calendar():
+    assert is_calendar(Pair("jumatatu", "monday"))
+    assert is_calendar(Pair("mei", "May"))
+    assert is_calendar(Pair("x", "y", ("december",)))
+    assert not is_calendar(Pair("wiki", "week"))
+    assert not is_calendar(Pair("mwezi", "moon", ("month",)))
+
+
+def _share(items, test) -> float:
+    return sum(map(test, items)) / len(items)
+
+
+def test_split_keeps_loanwords_out_of_control_beyond_their_share():
+    loans = [Pair(f"benki{i}", f"bank{i}", category="market") for i in range(40)]
+    pairs = SYNTHETIC + loans
+    for seed in range(6):
+        sets = split_sets(split_pairs(pairs, seed=seed))
+        assert _share(sets["control"], is_loanword) <= _share(sets["trained"], is_loanword)
+        assert check_leakage(sets["trained"], sets["control"]) == []
+
+
+def test_split_draws_control_from_groups_of_every_size():
+    lengths = (2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 5, 5, 6, 7, 12)
+    groups = [
+        [Pair(f"a{j}x{k}", f"g{j}x{k}", category=CATEGORIES[k % 7], root=f"r{j}") for k in range(n)]
+        for j, n in enumerate(lengths)
+    ]
+    pairs = [p for group in groups for p in group] + FILLER
+    assert sorted(map(len, _components(pairs))) == [1] * len(FILLER) + sorted(lengths)
+    sizes = {p.source: len(group) for group in groups for p in group}
+    for seed in range(6):
+        split = split_pairs(pairs, control_fraction=0.2, seed=seed)
+        by_source = _splits(split)
+        assert all(len({by_source[p.source] for p in group}) == 1 for group in groups)
+        control = [p for p in split if p.split == "control"]
+        assert not any(sizes.get(p.source, 1) > MAX_CONTROL_GROUP for p in control)
+        multi = [p for p in control if p.source in sizes]
+        assert multi and {sizes[p.source] for p in multi} != {2}, seed
+
+
+# ---------------------------------------------------------------------------------------------
 # The bundled lexicon
 
 
@@ -625,9 +696,9 @@ def test_bundled_lexicon_is_clean_and_big_enough(caplog):
     header = LEXICON.read_text(encoding="utf-8").split("\n", 1)[0]
     assert header == "swahili\tenglish\talternatives\tpos\tcategory\troot\tis_stem\tsplit"
     sets = split_sets(pairs)
-    assert len(pairs) >= 800
+    assert len(pairs) >= 1500
     assert sum(p.is_multiword for p in pairs) >= 60
-    assert len(sets["control"]) >= 70
+    assert len(sets["control"]) >= 250
     assert all(p.split in ("trained", "control") for p in pairs)
     assert all(p.pos and p.category for p in pairs)
     assert all(p.is_stem == p.source.startswith("-") for p in pairs)
@@ -635,9 +706,38 @@ def test_bundled_lexicon_is_clean_and_big_enough(caplog):
     assert check_leakage(sets["trained"], sets["control"]) == []
 
 
+#: The command that wrote the stored split (docs/lexicon.md):
+#: tli pairs split src/tli/data/lexicon.tsv --seed 0 --control-fraction 0.17 --out ...
+LEXICON_FRACTION, LEXICON_SEED = 0.17, 0
+
+
 def test_bundled_lexicon_split_is_reproduced():
     pairs = load_lexicon()
-    assert [p.split for p in split_pairs(pairs)] == [p.split for p in pairs]
+    split = split_pairs(pairs, control_fraction=LEXICON_FRACTION, seed=LEXICON_SEED)
+    assert [p.split for p in split] == [p.split for p in pairs]
+    shuffled = pairs[:]
+    random.Random(0).shuffle(shuffled)
+    split = split_pairs(shuffled, control_fraction=LEXICON_FRACTION, seed=LEXICON_SEED)
+    assert _splits(split) == _splits(pairs)  # whatever the row order
+
+
+def test_bundled_lexicon_control_is_not_richer_in_loanwords_or_calendar_names():
+    sets = split_sets(load_lexicon())
+    for test in (is_loanword, is_calendar):
+        assert _share(sets["control"], test) <= _share(sets["trained"], test), test.__name__
+
+
+def test_bundled_lexicon_control_draws_on_related_word_groups():
+    pairs = load_lexicon()
+    size = {pairs[i].source: len(comp) for comp in _components(pairs) for i in comp}
+    sets = split_sets(pairs)
+
+    def in_group(p):
+        return size[p.source] > 1
+
+    trained, control = (_share(sets[s], in_group) for s in ("trained", "control"))
+    assert abs(control - trained) <= 0.05, (control, trained)
+    assert {size[p.source] for p in sets["control"]} >= {1, 2, 3, 4, 5}
 
 
 def test_cli_check_on_bundled_lexicon(run_cli):

@@ -521,15 +521,95 @@ def _components(pairs: Sequence[Pair]) -> list[list[int]]:
     return list(groups.values())
 
 
+#: Month and weekday names: a pair glossed by one of them is a calendar name (`is_calendar`).
+CALENDAR_NAMES = frozenset(
+    "january february march april may june july august september october november december "
+    "monday tuesday wednesday thursday friday saturday sunday".split()
+)
+#: Groups of related pairs larger than this always stay trained (see `split_pairs`).
+MAX_CONTROL_GROUP = 8
+#: Size classes of groups for the split, as (fewest, most) members; the first is singletons.
+_SIZE_CLASSES = ((1, 1), (2, 2), (3, 4), (5, MAX_CONTROL_GROUP))
+_VOWELS = frozenset("aeiou")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions, each costing 1."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        cur = [i]
+        for j, cb in enumerate(b, start=1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def is_loanword(pair: Pair) -> bool:
+    """True when the Swahili source is spelled like one of its English translations.
+
+    The source is lower-cased with hyphens dropped. It, and its form without a final vowel when
+    it has five or more letters (Swahili adds a vowel to borrowed words: ``shati`` -> ``shat``),
+    is compared with each translation (lower-cased) of three or more letters. A translation
+    matches when a form contains it or is within Levenshtein distance 2 of it; distance 1 when
+    either string has three letters or fewer, where two edits leave little in common
+    (``jua``/``sun``, ``na``/``and``). So ``benki``/bank, ``tiketi``/ticket,
+    ``februari``/february and ``shati``/shirt are loanwords, ``mbwa``/dog is not. The test is
+    deliberately broad: a few native words that happen to look like their gloss count too
+    (``sawa``/same).
+    """
+    source = pair.source.lower().replace("-", "")
+    forms = {source}
+    if len(source) >= 5 and source[-1] in _VOWELS:
+        forms.add(source[:-1])
+    for target in pair.targets:
+        target = target.strip().lower()
+        if len(target) < 3:
+            continue
+        for form in forms:
+            limit = 2 if min(len(form), len(target)) >= 4 else 1
+            if target in form or _edit_distance(form, target) <= limit:
+                return True
+    return False
+
+
+def is_calendar(pair: Pair) -> bool:
+    """True when a translation of the pair is a month or weekday name (`CALENDAR_NAMES`)."""
+    return any(t.strip().lower() in CALENDAR_NAMES for t in pair.targets)
+
+
+def _size_class(size: int) -> int:
+    """Index in `_SIZE_CLASSES` of a group of ``size`` pairs (at most `MAX_CONTROL_GROUP`)."""
+    return next(k for k, (lo, hi) in enumerate(_SIZE_CLASSES) if lo <= size <= hi)
+
+
 def split_pairs(
     pairs: Sequence[Pair], *, control_fraction: float = 0.1, seed: int = 0
 ) -> list[Pair]:
     """Assign each pair to "trained" or "control", deterministically and without leakage.
 
-    Related pairs (sharing any `leakage_keys`) form groups that go to one side whole. Groups
-    are visited smallest first, in an order fixed by ``seed`` and the pairs' sources (not by
-    input order); a group becomes control while every category it touches stays within its
-    quota, ``round(control_fraction * size of the category)``.
+    Related pairs (sharing any `leakage_keys`) form groups (`_components`) that go to one side
+    whole. The control set is drawn to look like the whole list:
+
+    - **categories**: at most ``round(control_fraction * size)`` pairs of each category (its
+      quota); the quotas add up to the control size aimed at, ``Q``;
+    - **group sizes**: about the list's share of pairs that belong to multi-member groups, i.e.
+      ``M = round(Q * pairs in multi-member groups / all pairs)`` pairs, split over the size
+      classes 2, 3-4 and 5-`MAX_CONTROL_GROUP` in proportion to the pairs each class holds (the
+      singletons' budget is ``Q - M``). Groups larger than `MAX_CONTROL_GROUP` always stay
+      trained (one would be a large, internally related block of the control set), so their
+      share of ``M`` falls on the smaller multi-member groups;
+    - **loanwords and calendar names** (`is_loanword`, `is_calendar`): at most
+      ``floor(Q * count / all pairs)`` of each, so that their control share is no higher than
+      their trained share.
+
+    Groups are visited in an order fixed by ``seed`` and each group's own pairs (a hash of
+    the seed and their sorted sources and targets), never by input order, so the same pairs
+    and seed give the same split in any row order. First pass: size classes from the largest
+    down, each group taken while its class budget, every category quota it touches and the
+    loanword and calendar limits allow. Second pass: the remaining groups smallest first, taken
+    while the quotas and limits allow, to fill what the budgets left over.
 
     Args:
         pairs: The pairs; any existing split is replaced.
@@ -541,22 +621,59 @@ def split_pairs(
     """
     if not 0 <= control_fraction < 1:
         raise ValueError(f"control_fraction must be in [0, 1), got {control_fraction}")
+    total = max(len(pairs), 1)
     sizes = Counter(p.category or "" for p in pairs)
     quota = {c: int(n * control_fraction + 0.5) for c, n in sizes.items()}
-    taken: Counter[str] = Counter()
+    target = sum(quota.values())
+    flags = {
+        "loanword": [is_loanword(p) for p in pairs],
+        "calendar": [is_calendar(p) for p in pairs],
+    }
+    limit = {name: target * sum(marks) // total for name, marks in flags.items()}
 
-    def order(comp: list[int]) -> tuple[int, str, tuple[str, ...]]:
+    def order(comp: list[int]) -> tuple[str, tuple[str, ...]]:
         names = tuple(sorted(f"{pairs[i].source}\t{pairs[i].target}" for i in comp))
         text = f"{seed}\n" + "\n".join(names)
         digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-        return len(comp), digest, names
+        return digest, names
 
+    comps = _components(pairs)
+    groups = sorted((c for c in comps if len(c) <= MAX_CONTROL_GROUP), key=order)
+    multi = int(target * sum(len(c) for c in comps if len(c) > 1) / total + 0.5)
+    held = Counter(_size_class(len(c)) for c in groups for _ in c)
+    held_multi = sum(n for k, n in held.items() if k > 0)
+    budget = {0: target - multi}
+    for k in range(1, len(_SIZE_CLASSES)):
+        budget[k] = int(multi * held[k] / held_multi + 0.5) if held_multi else 0
+
+    taken: Counter[str] = Counter()  # control pairs per category
+    marked: Counter[str] = Counter()  # control loanwords and calendar names
     control: set[int] = set()
-    for comp in sorted(_components(pairs), key=order):
+
+    def fits(comp: list[int]) -> bool:
         need = Counter(pairs[i].category or "" for i in comp)
-        if all(taken[c] + k <= quota[c] for c, k in need.items()):
-            taken.update(need)
-            control.update(comp)
+        if any(taken[c] + k > quota[c] for c, k in need.items()):
+            return False
+        return all(
+            marked[name] + sum(marks[i] for i in comp) <= limit[name]
+            for name, marks in flags.items()
+        )
+
+    def take(comp: list[int]) -> None:
+        taken.update(pairs[i].category or "" for i in comp)
+        for name, marks in flags.items():
+            marked[name] += sum(marks[i] for i in comp)
+        control.update(comp)
+
+    for k in reversed(range(len(_SIZE_CLASSES))):
+        used = 0
+        for comp in groups:
+            if _size_class(len(comp)) == k and used + len(comp) <= budget[k] and fits(comp):
+                take(comp)
+                used += len(comp)
+    for comp in sorted(groups, key=len):
+        if comp[0] not in control and fits(comp):
+            take(comp)
     return [replace(p, split="control" if i in control else "trained") for i, p in enumerate(pairs)]
 
 
