@@ -333,3 +333,17 @@ def test_alignment_summary_layered():
         assert isinstance(value, float)
         assert value == pytest.approx(out[key][1], abs=1e-12), key
     assert math.isfinite(out["margin_lo"][0]) and out["margin_lo"][0] <= out["margin_hi"][0]
+
+
+# ---------------------------------------------------------------- mismatched pairs
+
+
+def test_mismatched_pairs_are_a_seeded_derangement():
+    from tli.metrics import derangement
+
+    for n in (2, 3, 10, 97):
+        for seed in range(5):
+            perm = derangement(n, seed)
+            assert sorted(perm) == list(range(n))
+            assert all(perm[i] != i for i in range(n))
+            assert perm == derangement(n, seed)
