@@ -726,6 +726,7 @@ MOVED = {
     "test_reliability.py": ("test_cli.py", "test_io.py", "test_pipeline.py", "test_plots.py",
                             "test_train.py", "test_adapters.py", "test_package.py"),
     "test_run.py": ("test_pipeline.py",),
+    "test_evaluate.py": ("test_evaluate.py", "test_adapters.py"),
 }  # fmt: skip
 
 
