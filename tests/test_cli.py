@@ -9,7 +9,6 @@ its traceback and exits 1.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import re
 import shlex
@@ -101,22 +100,6 @@ def test_embed_bad_input(run_cli, tiny_model_dir, tmp_path, argv, needles):
     code, _, err = run_cli("embed", *argv, "--out", str(tmp_path / "v.safetensors"))
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "v.safetensors").exists()
-
-
-def test_gguf_without_gguf_package(run_cli, tmp_path, monkeypatch):
-    fake = tmp_path / "model.gguf"
-    fake.write_bytes(b"GGUF")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
-    )
-    code, _, err = run_cli("embed", "--model", str(fake), "x")
-    assert_one_line_error(code, err, "needs the package gguf")
-
-
-def test_missing_gguf_file(run_cli, tmp_path):
-    code, _, err = run_cli("embed", "--model", str(tmp_path / "nope.gguf"), "x")
-    assert_one_line_error(code, err, "no such .gguf file")
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
