@@ -1,15 +1,32 @@
-"""Tiny random models and tokenizers built in memory: no network, no GPU."""
+"""Shared test helpers: tiny random models and tokenizers built in memory (no network, no GPU),
+the shared input files, pairs and adapters, and the helpers that run ``tli`` and check its errors.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from tli.pairs import Pair
+
+#: The repository and its sources (subprocesses import tli from SRC: see `python_env`).
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+
+#: The first bytes of every PNG file.
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
-#: Swahili-English pairs for tiny training runs (tests of train and sweep).
+#: Swahili-English pairs for tiny training runs (tests of train, sweep, evaluate and probe).
 WORDS = [
     ("mtoto", "child"),
     ("kitabu", "book"),
@@ -24,6 +41,31 @@ WORDS = [
     ("bahari", "sea"),
     ("mkate", "bread"),
 ]
+
+#: The trained and control sets of the evaluation and adapter tests: 8 of WORDS and "bahari"
+#: with an alternative gloss; 4 control pairs.
+EVAL_TRAINED = [Pair(s, t) for s, t in WORDS[:7] + WORDS[-1:]] + [
+    Pair("bahari", "sea", alternatives=("ocean",))
+]
+EVAL_CONTROL = [
+    Pair("jua", "sun"),
+    Pair("mwezi", "moon"),
+    Pair("mti", "tree"),
+    Pair("moto", "fire"),
+]
+#: One quick epoch of training: the adapters of the evaluation and adapter tests.
+EVAL_TRAINING = dict(epochs=1, batch_size=4, warmup_steps=1, lr=5e-3, save_every=0)
+
+#: The sets of the probe and generation tests: 10 trained pairs (one with an alternative gloss)
+#: and 2 control pairs.
+PROBE_SETS = {
+    "trained": [Pair(s, t) for s, t in WORDS[:8]]
+    + [Pair("bahari", "sea", alternatives=("ocean",)), Pair("mkate", "bread")],
+    "control": [Pair(s, t, split="control") for s, t in WORDS[8:10]],
+}
+
+#: Examples per fuzz test; raise it to search longer: TLI_FUZZ_EXAMPLES=5000 pytest -k fuzz
+FUZZ_EXAMPLES = int(os.environ.get("TLI_FUZZ_EXAMPLES", "200"))
 
 #: model_type -> config kwargs for a tiny random model of that architecture.
 TINY = {
@@ -95,6 +137,153 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+#: The "tli" logger as the session found it: handlers, level, propagation.
+_TLI_LOGGER = logging.getLogger("tli")
+_TLI_LOGGER_STATE = (tuple(_TLI_LOGGER.handlers), _TLI_LOGGER.level, _TLI_LOGGER.propagate)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tli_logger():
+    """cli.main() points the "tli" logger at the current stderr; undo that after each test.
+
+    The saved state is the session's first: a module- or session-scoped fixture may call
+    cli.main() before a test starts, and its handler must not outlive that test.
+    """
+    yield
+    handlers, level, propagate = _TLI_LOGGER_STATE
+    _TLI_LOGGER.handlers[:], _TLI_LOGGER.level, _TLI_LOGGER.propagate = (
+        list(handlers),
+        level,
+        propagate,
+    )
+
+
+# --- running tli and checking its errors ----------------------------------------------------
+
+
+def python_env() -> dict[str, str]:
+    """The environment of a ``tli`` subprocess: this checkout's sources first."""
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run(*argv)`` runs ``tli ARGV`` in-process and returns (exit code, stdout, stderr).
+
+    Arguments may be paths or numbers; argparse's own errors (SystemExit) become the code.
+    """
+    from tli.cli import main
+
+    def run(*argv) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse-level errors exit from the parser
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def assert_one_line_error(code, err, *needles):
+    """Exit 2; stderr is exactly one ``tli: error:`` line naming every needle; no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert err.startswith("tli: error: ") and err.endswith("\n"), err
+    assert err.count("\n") == 1 and len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def assert_user_error(code, err, *needles):
+    """Exit 2; stderr holds exactly one ``tli: error:`` line, last, naming ``needles``.
+
+    Other stderr lines may only be tli's own log lines (``tli: info:``/``tli: warning:``):
+    no traceback, no progress bar, no stray warning.
+    """
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("tli: error: ")]
+    assert len(errors) == 1, err
+    assert lines[-1] == errors[0], err
+    assert all(line.startswith("tli: ") for line in lines), err
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def gold_of(b, alternatives=()):
+    """A b x b gold mask: the diagonal and each (i, j) of ``alternatives``."""
+    gold = torch.eye(b, dtype=torch.bool)
+    for i, j in alternatives:
+        gold[i, j] = True
+    return gold
+
+
+def eval_pair_files(tmp_path: Path) -> tuple[Path, Path]:
+    """EVAL_TRAINED and EVAL_CONTROL written to trained.tsv and control.tsv in ``tmp_path``."""
+    from tli.pairs import write_pairs
+
+    write_pairs(EVAL_TRAINED, tmp_path / "trained.tsv")
+    write_pairs(EVAL_CONTROL, tmp_path / "control.tsv")
+    return tmp_path / "trained.tsv", tmp_path / "control.tsv"
+
+
+def eval_set_args(tmp_path: Path) -> list:
+    """``--pairs`` and ``--control`` options for the files of `eval_pair_files`."""
+    trained, control = eval_pair_files(tmp_path)
+    return ["--pairs", trained, "--control", control]
+
+
+# --- shared inputs, models and adapters (built once per session) --------------------------------
+
+BAD_TOML = "[train\nepochs = 3\n"
+UNKNOWN_KEY_TOML = "[train]\nnope = 1\n"
+UNKNOWN_SECTION_TOML = "[extra]\nx = 1\n"
+WRONG_TYPE_TOML = '[train]\nepochs = "three"\n'
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    """One folder of good and bad input files, shared by the error tests."""
+    from tli.pairs import load_lexicon, split_pairs, write_pairs
+
+    d = tmp_path_factory.mktemp("inputs")
+    lexicon = [dataclasses.replace(p, split=None) for p in load_lexicon()[:60]]
+    write_pairs(lexicon, d / "pairs.tsv")
+    write_pairs(split_pairs(lexicon, control_fraction=0.2, seed=0), d / "split.tsv")
+    write_pairs(lexicon[:1], d / "one.tsv")
+    files = {
+        "empty.json": "[]",
+        "bad.json": '[{"swahili": "maji", "english": "water"},\n',
+        "bad.csv": 'swahili,english\n"maji,water\n',
+        "nofield.json": '[{"swahili": "maji"}]',
+        "nocolumn.tsv": "swahili\tpos\nmaji\tnoun\n",
+        "afile": "x\n",
+        "words.txt": "maji\nmoto\n",
+        "blank_line.txt": "maji\n\nmoto\n",
+        "empty.txt": "",
+        "bad.toml": BAD_TOML,
+        "unknown_key.toml": UNKNOWN_KEY_TOML,
+        "unknown_section.toml": UNKNOWN_SECTION_TOML,
+        "wrong_type.toml": WRONG_TYPE_TOML,
+        "unknown_preset.toml": 'preset = "nope"\n',
+        "bad_pooling.toml": 'pooling = "max"\n',
+    }
+    for name, text in files.items():
+        (d / name).write_text(text, encoding="utf-8")
+    (d / "latin1.tsv").write_bytes("swahili\tenglish\nmaji\tw\xe4ter\n".encode("latin-1"))
+    (d / "latin1.toml").write_bytes("[train]\n# \xe4\n".encode("latin-1"))
+    (d / "dir.tsv").mkdir()  # a directory where a file is expected: unreadable
+    (d / "dir.toml").mkdir()
+    (d / "adir").mkdir()
+    (d / "notrun").mkdir()
+    (d / "notrun" / "notes.txt").write_text("someone's files\n")
+    (d / "notrun.tsv").write_text("x")
+    return d
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama and its tokenizer saved as a local model directory."""
@@ -104,12 +293,70 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _reset_tli_logger():
-    """cli.main() points the tli logger at the stderr of its time; undo that after each test."""
-    import logging
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory):
+    """A different tiny Llama (2 blocks, other seed): not the base of `adapter`."""
+    path = tmp_path_factory.mktemp("other-llama")
+    tiny_model("llama", layers=2, seed=1).save_pretrained(path)
+    tiny_tokenizer("left").save_pretrained(path)
+    return path
 
-    yield
-    logger = logging.getLogger("tli")
-    logger.handlers.clear()
-    logger.propagate = True
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny Llama whose positions reach far enough for few-shot prompts of bytes."""
+    path = tmp_path_factory.mktemp("probe-llama")
+    tiny_model("llama", layers=4, max_position_embeddings=512).save_pretrained(path)
+    tiny_tokenizer("left").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def adapter(tiny_model_dir, inputs, tmp_path_factory):
+    """A real adapter of the tiny model, from `tli train` (one epoch, a few steps)."""
+    from tli.cli import main
+
+    out = tmp_path_factory.mktemp("train") / "t"
+    argv = ["train", "--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv", "--layer", "2",
+            "--epochs", "1", "--batch-size", "8", "--warmup-steps", "0", "--out", out]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    return out / "final"
+
+
+@pytest.fixture(scope="session")
+def corrupt_adapter(adapter, tmp_path_factory):
+    """The adapter with its weights file cut short."""
+    path = tmp_path_factory.mktemp("corrupt") / "final"
+    shutil.copytree(adapter, path)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    return path
+
+
+@pytest.fixture(scope="session")
+def results(tiny_model_dir, inputs, adapter, tmp_path_factory):
+    """A run-like results folder (config.toml, scan/, eval/) for `tli plot`, without figures."""
+    from tli.cli import main
+    from tli.pipeline.config import resolve_config, to_toml
+
+    root = tmp_path_factory.mktemp("results") / "run"
+    root.mkdir()
+    (root / "config.toml").write_text(to_toml(resolve_config({"figures": {"tsne_pairs": 4}})))
+    split = inputs / "split.tsv"
+    common = ["--model", tiny_model_dir, "--pairs", split, "--n-boot", "20"]
+    assert main([str(a) for a in ["scan", *common, "--out", root / "scan"]]) == 0
+    argv = ["evaluate", "--adapter", adapter, *common, "--out", root / "eval"]
+    assert main([str(a) for a in argv]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter of the tiny Llama at layer 2, trained one epoch on EVAL_TRAINED."""
+    from tli.models import ModelConfig, load_model
+    from tli.train import TrainConfig, train
+
+    loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    out = tmp_path_factory.mktemp("train")
+    train(loaded, EVAL_TRAINED, TrainConfig(layer=2, **EVAL_TRAINING), out / "run", progress=False)
+    return out / "run" / "final"

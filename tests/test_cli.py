@@ -1,26 +1,38 @@
-import importlib.util
+"""The `tli` command (the ``tli.cli`` package): every command under bad input, the one-line error
+contract on the real console, internal bugs, fuzzed arguments, and the generated reference docs.
+
+``docs/reliability.md`` lists each failure mode with the test that shows it. A user error is one
+``tli: error:`` line naming the file or option, exit code 2, no traceback; an internal bug keeps
+its traceback and exits 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from tli.cli import main
+from tli.cli.reference import config_reference
 
-
-def run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tli: error: "), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
+from conftest import (
+    FUZZ_EXAMPLES,
+    ROOT,
+    assert_one_line_error,
+    assert_user_error,
+    python_env,
+)
 
 
 def test_help_lists_subcommands():
@@ -31,10 +43,9 @@ def test_help_lists_subcommands():
         assert command in out
 
 
-def test_embed_writes_vectors(capsys, tiny_model_dir, tmp_path):
+def test_embed_writes_vectors(run_cli, tiny_model_dir, tmp_path):
     out_file = tmp_path / "v.safetensors"
-    code, out, _ = run(
-        capsys,
+    code, out, _ = run_cli(
         "embed",
         "--model",
         str(tiny_model_dir),
@@ -50,11 +61,10 @@ def test_embed_writes_vectors(capsys, tiny_model_dir, tmp_path):
     assert load_file(out_file)["vectors"].shape == (3, 2, 32)
 
 
-def test_embed_reads_a_file(capsys, tiny_model_dir, tmp_path):
+def test_embed_reads_a_file(run_cli, tiny_model_dir, tmp_path):
     words = tmp_path / "words.txt"
     words.write_text("mtoto\nchild\nkitabu\n", encoding="utf-8")
-    code, out, _ = run(
-        capsys,
+    code, out, _ = run_cli(
         "embed",
         "--model",
         str(tiny_model_dir),
@@ -81,31 +91,15 @@ def test_embed_reads_a_file(capsys, tiny_model_dir, tmp_path):
         (["--model", "{model}", "--batch-size", "0", "x"], ["--batch-size"]),
     ],
 )
-def test_embed_bad_input(capsys, tiny_model_dir, tmp_path, argv, needles):
+def test_embed_bad_input(run_cli, tiny_model_dir, tmp_path, argv, needles):
     import torch
 
     if torch.cuda.is_available() and any("CUDA" in n for n in needles):
         pytest.skip("this machine has CUDA")
     argv = [a.replace("{model}", str(tiny_model_dir)) for a in argv]
-    code, _, err = run(capsys, "embed", *argv, "--out", str(tmp_path / "v.safetensors"))
+    code, _, err = run_cli("embed", *argv, "--out", str(tmp_path / "v.safetensors"))
     assert_one_line_error(code, err, *needles)
     assert not (tmp_path / "v.safetensors").exists()
-
-
-def test_gguf_without_gguf_package(capsys, tmp_path, monkeypatch):
-    fake = tmp_path / "model.gguf"
-    fake.write_bytes(b"GGUF")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
-    )
-    code, _, err = run(capsys, "embed", "--model", str(fake), "x")
-    assert_one_line_error(code, err, "needs the package gguf")
-
-
-def test_missing_gguf_file(capsys, tmp_path):
-    code, _, err = run(capsys, "embed", "--model", str(tmp_path / "nope.gguf"), "x")
-    assert_one_line_error(code, err, "no such .gguf file")
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
@@ -116,3 +110,643 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+# --- bad input: every command -----------------------------------------------------------------
+
+#: (argv template, words the one error line must contain). ``{out}`` is a fresh path that must
+#: still not exist afterwards: nothing is written when the input is bad.
+BAD_INPUT = {
+    # tli run
+    "run-config-missing": ("run --config {d}/nope.toml --out {out}",
+                           ["nope.toml", "no such file"]),
+    "run-config-unreadable": ("run --config {d}/dir.toml --out {out}",
+                              ["dir.toml", "cannot read"]),
+    "run-config-not-utf8": ("run --config {d}/latin1.toml --out {out}",
+                            ["latin1.toml", "cannot read"]),
+    "run-config-bad-toml": ("run --config {d}/bad.toml --out {out}",
+                            ["bad.toml", "bad TOML", "line 1"]),
+    "run-config-unknown-key": ("run --config {d}/unknown_key.toml --out {out}",
+                               ["unknown_key.toml", "[train] unknown key 'nope'"]),
+    "run-config-unknown-section": ("run --config {d}/unknown_section.toml --out {out}",
+                                   ["unknown_section.toml", "unknown key or section 'extra'"]),
+    "run-config-wrong-type": ("run --config {d}/wrong_type.toml --out {out}",
+                              ["wrong_type.toml", "[train] epochs must be an integer, got 'thr"]),
+    "run-config-unknown-preset": ("run --config {d}/unknown_preset.toml --out {out}",
+                                  ["unknown_preset.toml", "unknown preset 'nope'"]),
+    "run-config-unknown-pooling": ("run --config {d}/bad_pooling.toml --out {out}",
+                                   ["bad_pooling.toml", "pooling must be one of"]),
+    "run-set-unknown-key": ("run --model {model} --set train.nope=1 --out {out}",
+                            ["[train] unknown key 'nope'"]),
+    "run-set-malformed": ("run --model {model} --set train.epochs --out {out}",
+                          ["--set 'train.epochs'", "expected section.key=value"]),
+    "run-unknown-preset": ("run --preset nope --out {out}",
+                           ["unknown preset 'nope'; known: paper"]),
+    "run-unknown-model": ("run --model no-such-model --pairs {d}/pairs.tsv --out {out}",
+                          ["'no-such-model'", "not an embedded name"]),
+    "run-model-dir-missing": ("run --model {d}/missing --pairs {d}/pairs.tsv --out {out}",
+                              ["missing", "not an embedded name"]),
+    "run-model-dir-without-config": ("run --model {d}/adir --pairs {d}/pairs.tsv --out {out}",
+                                     ["adir", "no config.json"]),
+    "run-unknown-pooling": ("run --model {model} --set pooling=max --out {out}",
+                            ["pooling must be one of mean, mean_all, last, got 'max'"]),
+    "run-pairs-missing": ("run --model {model} --pairs {d}/nope.tsv --out {out}",
+                          ["nope.tsv", "cannot read"]),
+    "run-pairs-unreadable": ("run --model {model} --pairs {d}/dir.tsv --out {out}",
+                             ["dir.tsv", "cannot read"]),
+    "run-pairs-bad-json": ("run --model {model} --pairs {d}/bad.json --out {out}",
+                           ["bad.json", "bad JSON at line 2"]),
+    "run-pairs-bad-csv": ("run --model {model} --pairs {d}/bad.csv --out {out}",
+                          ["bad.csv", "bad CSV"]),
+    "run-pairs-missing-field": ("run --model {model} --pairs {d}/nofield.json --out {out}",
+                                ["nofield.json", "record 1", 'missing field "english"']),
+    "run-pairs-empty-list": ("run --model {model} --pairs {d}/empty.json --out {out}",
+                             ["empty.json", "no pairs"]),
+    "run-pairs-one-pair": ("run --model {model} --pairs {d}/one.tsv --out {out}",
+                           ["one.tsv", "need at least 2 trained and 2 control pairs, got 1 and 0"]),
+    "run-layer-out-of-range": ("run --model {model} --set train.layer=9 --out {out}",
+                               ["[train] layer must be in 1..4", "got 9", "has 4 layers"]),
+    "run-layer-zero": ("run --model {model} --set train.layer=0 --out {out}",
+                       ["[train] layer must be in 1..4", "got 0"]),
+    "run-loss-layer-out-of-range": (
+        "run --model {model} --set train.layer=2 --set train.loss_layers=[2,9] --out {out}",
+        ["loss_layers: layer 9 is outside 1..4"]),
+    "run-batch-size": ("run --model {model} --set train.batch_size=1 --out {out}",
+                       ["[train] batch_size must be >= 2"]),
+    "run-scan-batch-size": ("run --model {model} --set scan.batch_size=0 --out {out}",
+                            ["[scan] batch_size must be an integer >= 1"]),
+    "run-eval-batch-size": ("run --model {model} --set evaluate.batch_size=0 --out {out}",
+                            ["[evaluate] batch_size must be an integer >= 1"]),
+    "run-epochs": ("run --model {model} --set train.epochs=0 --out {out}",
+                   ["[train] epochs must be >= 1, got 0"]),
+    "run-epochs-not-integer": ("run --model {model} --set train.epochs=1.5 --out {out}",
+                               ["[train] epochs must be an integer, got 1.5"]),
+    "run-lr-negative": ("run --model {model} --set train.lr=-1e-4 --out {out}",
+                        ["[train] lr must be > 0.0"]),
+    "run-lr-too-large": ("run --model {model} --set train.lr=2.0 --out {out}",
+                         ["[train] lr must be <= 1.0"]),
+    "run-lr-nan": ("run --model {model} --set train.lr=nan --out {out}",
+                   ["[train] lr must be a number, got nan"]),
+    "run-margin-negative": ("run --model {model} --set train.margin=-0.1 --out {out}",
+                            ["[train] margin must be >= 0.0"]),
+    "run-margin-too-large": ("run --model {model} --set train.margin=3 --out {out}",
+                             ["[train] margin must be <= 2.0"]),
+    "run-control-fraction": ("run --model {model} --set pairs.control_fraction=0.95 --out {out}",
+                             ["pairs.control_fraction must be <= 0.9"]),
+    "run-out-is-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile",
+                          ["afile", "exists and is not a directory"]),
+    "run-out-under-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile/run",
+                             ["afile/run", "Not a directory"]),
+    "run-out-foreign-directory": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/notrun",
+                                  ["notrun", "not a tli run directory"]),
+    "run-resume-missing": ("run --resume {d}/nope", ["nope", "not a tli run directory"]),
+    "run-resume-not-a-run": ("run --resume {d}/notrun", ["notrun", "not a tli run directory"]),
+    "run-resume-with-options": ("run --resume {d}/notrun --set train.epochs=3",
+                                ["--resume DIR continues the run with its saved config"]),
+    # tli pairs check / split
+    "pairs-check-missing": ("pairs check {d}/nope.tsv", ["nope.tsv", "cannot read"]),
+    "pairs-check-unreadable": ("pairs check {d}/dir.tsv", ["dir.tsv", "cannot read"]),
+    "pairs-check-not-utf8": ("pairs check {d}/latin1.tsv", ["latin1.tsv", "line 2", "not UTF-8"]),
+    "pairs-check-bad-json": ("pairs check {d}/bad.json", ["bad.json", "bad JSON at line 2"]),
+    "pairs-check-bad-csv": ("pairs check {d}/bad.csv", ["bad.csv", "line 2", "bad CSV"]),
+    "pairs-check-missing-field": ("pairs check {d}/nofield.json",
+                                  ["nofield.json", 'missing field "english"']),
+    "pairs-check-missing-column": ("pairs check {d}/nocolumn.tsv",
+                                   ["nocolumn.tsv", 'missing column "english"']),
+    "pairs-check-empty-list": ("pairs check {d}/empty.json", ["empty.json", "no pairs"]),
+    "pairs-check-unknown-extension": ("pairs check {d}/afile",
+                                      ["afile", "cannot tell the format"]),
+    "pairs-check-unknown-format": ("pairs check {d}/pairs.tsv --format xml",
+                                   ["--format", "invalid choice: 'xml'"]),
+    "pairs-check-unknown-model": ("pairs check {d}/pairs.tsv --model no-such-model",
+                                  ["'no-such-model'", "not an embedded name"]),
+    "pairs-check-against-missing": ("pairs check {d}/pairs.tsv --against {d}/nope.tsv",
+                                    ["nope.tsv", "cannot read"]),
+    "pairs-split-missing": ("pairs split {d}/nope.tsv --out {out}.tsv",
+                            ["nope.tsv", "cannot read"]),
+    "pairs-split-bad-json": ("pairs split {d}/bad.json --out {out}.tsv", ["bad.json", "bad JSON"]),
+    "pairs-split-empty-list": ("pairs split {d}/empty.json --out {out}.tsv", ["no pairs"]),
+    "pairs-split-one-pair": ("pairs split {d}/one.tsv --out {out}.tsv",
+                             ["one.tsv", "1 pair(s) leave no control pair"]),
+    "pairs-split-fraction": ("pairs split {d}/pairs.tsv --control-fraction 1.5 --out {out}.tsv",
+                             ["--control-fraction", "must be in [0, 1)"]),
+    "pairs-split-out-not-tsv": ("pairs split {d}/pairs.tsv --out {out}.json",
+                                ["give a .tsv file name"]),
+    "pairs-split-out-is-a-directory": ("pairs split {d}/pairs.tsv --out {d}/dir.tsv",
+                                       ["dir.tsv", "cannot write"]),
+    "pairs-split-out-under-a-file": ("pairs split {d}/pairs.tsv --out {d}/afile/x.tsv",
+                                     ["afile/x.tsv", "cannot write"]),
+    # tli embed
+    "embed-no-words": ("embed --model {model} --out {out}", ["no strings to embed"]),
+    "embed-file-missing": ("embed --model {model} --file {d}/nope.txt --out {out}",
+                           ["nope.txt", "no such file"]),
+    "embed-file-unreadable": ("embed --model {model} --file {d}/adir --out {out}",
+                              ["adir", "cannot read"]),
+    "embed-file-not-utf8": ("embed --model {model} --file {d}/latin1.tsv --out {out}",
+                            ["latin1.tsv", "cannot read"]),
+    "embed-file-empty": ("embed --model {model} --file {d}/empty.txt --out {out}",
+                         ["no strings to embed"]),
+    "embed-file-blank-line": ("embed --model {model} --file {d}/blank_line.txt --out {out}",
+                              ["blank_line.txt", "line 2", "empty"]),
+    "embed-unknown-model": ("embed --model no-such-model --out {out} maji",
+                            ["'no-such-model'", "not an embedded name"]),
+    "embed-unknown-pooling": ("embed --model {model} --pooling max --out {out} maji",
+                              ["--pooling", "invalid choice: 'max'"]),
+    "embed-unknown-dtype": ("embed --model {model} --dtype int8 --out {out} maji",
+                            ["--dtype", "invalid choice: 'int8'"]),
+    "embed-layer-out-of-range": ("embed --model {model} --layers 0,9 --out {out} maji",
+                                 ["layer 9 is outside 0..4"]),
+    "embed-layer-negative": ("embed --model {model} --layers -1 --out {out} maji",
+                             ["layer -1 is outside 0..4"]),
+    "embed-layer-not-a-number": ("embed --model {model} --layers two --out {out} maji",
+                                 ["layer 'two'", "expected an index 0..4"]),
+    "embed-layer-empty-range": ("embed --model {model} --layers 3-1 --out {out} maji",
+                                ["layer range '3-1' is empty"]),
+    "embed-batch-size": ("embed --model {model} --batch-size 0 --out {out} maji",
+                         ["--batch-size must be >= 1, got 0"]),
+    "embed-out-is-a-directory": ("embed --model {model} --out {d}/adir maji",
+                                 ["adir", "is a directory"]),
+    "embed-out-under-a-file": ("embed --model {model} --out {d}/afile/v.safetensors maji",
+                               ["afile", "not a directory"]),
+    # tli scan
+    "scan-pairs-missing": ("scan --model {model} --pairs {d}/nope.tsv --out {out}",
+                           ["nope.tsv", "cannot read"]),
+    "scan-pairs-unreadable": ("scan --model {model} --pairs {d}/dir.tsv --out {out}",
+                              ["dir.tsv", "cannot read"]),
+    "scan-pairs-bad-json": ("scan --model {model} --pairs {d}/bad.json --out {out}",
+                            ["bad.json", "bad JSON"]),
+    "scan-pairs-bad-csv": ("scan --model {model} --pairs {d}/bad.csv --out {out}",
+                           ["bad.csv", "bad CSV"]),
+    "scan-pairs-missing-field": ("scan --model {model} --pairs {d}/nofield.json --out {out}",
+                                 ["nofield.json", 'missing field "english"']),
+    "scan-pairs-empty-list": ("scan --model {model} --pairs {d}/empty.json --out {out}",
+                              ["empty.json", "no pairs"]),
+    "scan-pairs-one-pair": ("scan --model {model} --pairs {d}/one.tsv --out {out}",
+                            ["one.tsv", "set 'trained' has 1 pair"]),
+    "scan-control-missing": (
+        "scan --model {model} --pairs {d}/pairs.tsv --control {d}/nope.tsv --out {out}",
+        ["nope.tsv", "cannot read"]),
+    "scan-unknown-model": ("scan --model no-such-model --pairs {d}/pairs.tsv --out {out}",
+                           ["'no-such-model'", "not an embedded name"]),
+    "scan-unknown-pooling": ("scan --model {model} --pairs {d}/pairs.tsv --pooling max --out {out}",
+                             ["--pooling", "'max' is not one of"]),
+    "scan-unknown-rule": ("scan --model {model} --pairs {d}/pairs.tsv --select-by loss --out {out}",
+                          ["--select-by", "'loss' is not one of"]),
+    "scan-batch-size": ("scan --model {model} --pairs {d}/pairs.tsv --batch-size 0 --out {out}",
+                        ["batch_size must be an integer >= 1, got 0"]),
+    "scan-level": ("scan --model {model} --pairs {d}/pairs.tsv --level 1.5 --out {out}",
+                   ["level must be in (0, 1), got 1.5"]),
+    "scan-out-is-a-file": ("scan --model {model} --pairs {d}/pairs.tsv --out {d}/afile",
+                           ["afile", "exists and is not a directory"]),
+    "scan-out-under-a-file": ("scan --model {model} --pairs {d}/pairs.tsv --out {d}/afile/s",
+                              ["afile", "not a directory"]),
+    # tli train
+    "train-pairs-missing": ("train --model {model} --pairs {d}/nope.tsv --layer 2 --out {out}",
+                            ["nope.tsv", "cannot read"]),
+    "train-pairs-unreadable": ("train --model {model} --pairs {d}/dir.tsv --layer 2 --out {out}",
+                               ["dir.tsv", "cannot read"]),
+    "train-pairs-bad-json": ("train --model {model} --pairs {d}/bad.json --layer 2 --out {out}",
+                             ["bad.json", "bad JSON"]),
+    "train-pairs-bad-csv": ("train --model {model} --pairs {d}/bad.csv --layer 2 --out {out}",
+                            ["bad.csv", "bad CSV"]),
+    "train-pairs-missing-field": (
+        "train --model {model} --pairs {d}/nofield.json --layer 2 --out {out}",
+        ["nofield.json", 'missing field "english"']),
+    "train-pairs-empty-list": ("train --model {model} --pairs {d}/empty.json --layer 2 --out {out}",
+                               ["empty.json", "no pairs"]),
+    "train-pairs-one-pair": ("train --model {model} --pairs {d}/one.tsv --layer 2 --out {out}",
+                             ["training needs at least 2 pairs, got 1"]),
+    "train-unknown-model": ("train --model no-such-model --layer 2 --out {out}",
+                            ["'no-such-model'", "not an embedded name"]),
+    "train-unknown-preset": ("train --model {model} --preset nope --layer 2 --out {out}",
+                             ["unknown preset 'nope'"]),
+    "train-unknown-pooling": ("train --model {model} --pooling max --layer 2 --out {out}",
+                              ["pooling must be one of mean, mean_all, last, got 'max'"]),
+    "train-unknown-loss": ("train --model {model} --loss nope --layer 2 --out {out}",
+                           ["--loss", "'nope' is not one of"]),
+    "train-layer-missing": ("train --model {model} --out {out}", ["--layer is required"]),
+    "train-layer-out-of-range": ("train --model {model} --layer 9 --out {out}",
+                                 ["layer must be in 1..4", "got 9"]),
+    "train-layer-zero": ("train --model {model} --layer 0 --out {out}",
+                         ["layer must be in 1..4", "got 0"]),
+    "train-layer-negative": ("train --model {model} --layer -1 --out {out}",
+                             ["layer must be >= 0, got -1"]),
+    "train-layer-not-a-number": ("train --model {model} --layer two --out {out}",
+                                 ["--layer", "'two' is not a valid int"]),
+    "train-loss-layer-out-of-range": ("train --model {model} --layer 2 --loss-layers 9 --out {out}",
+                                      ["loss_layers: layer 9 is outside 1..4"]),
+    "train-batch-size": ("train --model {model} --layer 2 --batch-size 1 --out {out}",
+                         ["batch_size must be >= 2", "got 1"]),
+    "train-epochs": ("train --model {model} --layer 2 --epochs 0 --out {out}",
+                     ["epochs must be >= 1, got 0"]),
+    "train-lr-zero": ("train --model {model} --layer 2 --lr 0 --out {out}", ["lr must be > 0.0"]),
+    "train-lr-too-large": ("train --model {model} --layer 2 --lr 5 --out {out}",
+                           ["lr must be <= 1.0"]),
+    "train-margin-negative": ("train --model {model} --layer 2 --margin -1 --out {out}",
+                              ["margin must be >= 0.0"]),
+    "train-margin-too-large": ("train --model {model} --layer 2 --margin 3 --out {out}",
+                               ["margin must be <= 2.0"]),
+    "train-lora-rank": ("train --model {model} --layer 2 --lora-r 0 --out {out}",
+                        ["lora_r must be >= 1"]),
+    "train-out-is-a-file": ("train --model {model} --layer 2 --pairs {d}/pairs.tsv --out {d}/afile",
+                            ["afile", "exists and is not a directory"]),
+    "train-out-under-a-file": (
+        "train --model {model} --layer 2 --pairs {d}/pairs.tsv --out {d}/afile/t",
+        ["afile/t", "not a directory"]),
+    "train-resume-missing": ("train --resume {d}/nope", ["nope", "not a training directory"]),
+    "train-resume-not-a-training-dir": ("train --resume {d}/adir",
+                                        ["adir", "not a training directory"]),
+    # tli evaluate
+    "evaluate-adapter-missing": ("evaluate --adapter {d}/nope --pairs {d}/split.tsv --out {out}",
+                                 ["adapter", "nope", "no such directory"]),
+    "evaluate-adapter-a-file": ("evaluate --adapter {d}/afile --pairs {d}/split.tsv --out {out}",
+                                ["adapter", "afile", "is not a directory"]),
+    "evaluate-adapter-empty-dir": ("evaluate --adapter {d}/adir --pairs {d}/split.tsv --out {out}",
+                                   ["adir", "adapter_config.json is missing"]),
+    "evaluate-adapter-corrupted": (
+        "evaluate --adapter {corrupt} --pairs {d}/split.tsv --out {out}",
+        ["adapter_model.safetensors is corrupted or unreadable"]),
+    "evaluate-adapter-other-model": (
+        "evaluate --adapter {adapter} --model {other} --pairs {d}/split.tsv --out {out}",
+        ["was trained on model", "pass --model"]),
+    "evaluate-unknown-model": (
+        "evaluate --adapter {adapter} --model no-such-model --pairs {d}/split.tsv --out {out}",
+        ["'no-such-model'", "not an embedded name"]),
+    "evaluate-pairs-missing": ("evaluate --adapter {adapter} --pairs {d}/nope.tsv --out {out}",
+                               ["nope.tsv", "cannot read"]),
+    "evaluate-pairs-bad-json": ("evaluate --adapter {adapter} --pairs {d}/bad.json --out {out}",
+                                ["bad.json", "bad JSON"]),
+    "evaluate-pairs-bad-csv": ("evaluate --adapter {adapter} --pairs {d}/bad.csv --out {out}",
+                               ["bad.csv", "bad CSV"]),
+    "evaluate-pairs-missing-field": (
+        "evaluate --adapter {adapter} --pairs {d}/nofield.json --out {out}",
+        ["nofield.json", 'missing field "english"']),
+    "evaluate-pairs-empty-list": ("evaluate --adapter {adapter} --pairs {d}/empty.json --out {out}",
+                                  ["empty.json", "no pairs"]),
+    "evaluate-pairs-one-pair": ("evaluate --adapter {adapter} --pairs {d}/one.tsv --out {out}",
+                                ["one.tsv", "set 'trained' has 1 pair"]),
+    "evaluate-unknown-pooling": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --pooling max --out {out}",
+        ["--pooling", "'max' is not one of"]),
+    "evaluate-batch-size": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --batch-size 0 --out {out}",
+        ["batch_size must be an integer >= 1, got 0"]),
+    "evaluate-level": ("evaluate --adapter {adapter} --pairs {d}/split.tsv --level 0 --out {out}",
+                       ["level must be in (0, 1)"]),
+    "evaluate-out-is-a-file": ("evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/afile",
+                               ["afile", "exists and is not a directory"]),
+    "evaluate-out-under-a-file": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/afile/e",
+        ["afile", "not a directory"]),
+    # tli plot
+    "plot-missing": ("plot {d}/nope", ["nope", "no such directory"]),
+    "plot-a-file": ("plot {d}/afile", ["afile", "not a directory"]),
+    "plot-no-results": ("plot {d}/adir", ["adir", "no results to plot"]),
+}  # fmt: skip
+
+#: The commands as docs/reliability.md names them, by the case ids' first word.
+COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "plot")
+
+
+def _argv(template, **values):
+    return [token.format(**values) for token in shlex.split(template)]
+
+
+@pytest.mark.parametrize(("template", "needles"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_one_line_exit_2(
+    run_cli, tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter,
+    template, needles,
+):  # fmt: skip
+    out = tmp_path / "out"
+    argv = _argv(template, d=inputs, model=tiny_model_dir, other=other_model_dir, out=out,
+                 adapter=adapter, corrupt=corrupt_adapter)  # fmt: skip
+    before = sorted(p.name for p in inputs.iterdir())
+    code, _, err = run_cli(*argv)
+    assert_user_error(code, err, *needles)
+    assert not list(tmp_path.iterdir()), "bad input must leave nothing behind"
+    assert sorted(p.name for p in inputs.iterdir()) == before
+
+
+def test_every_command_has_bad_input_cases():
+    from tli.cli import build_parser
+
+    firsts = {case.split("-")[0] for case in BAD_INPUT}
+    assert firsts == set(COMMANDS)
+    assert {"pairs-check", "pairs-split"} <= {"-".join(c.split("-")[:2]) for c in BAD_INPUT}
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    assert set(COMMANDS) <= set(sub.choices)
+
+
+def test_one_pair_is_a_valid_pair_file(run_cli, inputs):
+    code, out, _ = run_cli("pairs", "check", inputs / "one.tsv")
+    assert code == 0 and "1" in out
+
+
+def test_the_adapter_fixture_is_good(capsys, adapter, tiny_model_dir, inputs, tmp_path):
+    """The evaluate cases fail for their stated reason, not because the adapter is bad."""
+    from tli.adapters import read_adapter
+
+    info = read_adapter(adapter)
+    assert info.base_model == str(tiny_model_dir)
+
+
+#: command -> argv template whose --out (or output) lies in the directory {locked}.
+UNWRITABLE = {
+    "run": "run --model {model} --pairs {d}/pairs.tsv --out {locked}",
+    "pairs-split": "pairs split {d}/pairs.tsv --out {locked}/split.tsv",
+    "embed": "embed --model {model} --out {locked}/v.safetensors maji",
+    "scan": "scan --model {model} --pairs {d}/pairs.tsv --out {locked}",
+    "train": "train --model {model} --pairs {d}/pairs.tsv --layer 2 --out {locked}",
+    "evaluate": "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {locked}",
+    "plot": "plot {results}",
+}
+
+
+@pytest.mark.parametrize("template", UNWRITABLE.values(), ids=UNWRITABLE.keys())
+def test_out_directory_not_writable(
+    run_cli, monkeypatch, tmp_path, inputs, tiny_model_dir, adapter, results, template
+):
+    """A read-only output directory, simulated (tests may run as root, who may write anywhere)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    run_copy = tmp_path / "results"
+    shutil.copytree(results, run_copy)
+    if template.startswith("plot"):
+        locked = run_copy / "figures"
+        locked.mkdir()
+    real_access, real_mkstemp = os.access, tempfile.mkstemp
+
+    def inside(path) -> bool:
+        path = Path(path).absolute()
+        return path == locked or locked in path.parents
+
+    def access(path, mode, **kwargs):
+        if inside(path) and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):  # noqa: A002
+        if dir is not None and inside(dir):
+            raise PermissionError(13, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    argv = _argv(template, d=inputs, model=tiny_model_dir, adapter=adapter, locked=locked,
+                 results=run_copy)  # fmt: skip
+    code, _, err = run_cli(*argv)
+    assert_user_error(code, err, str(locked.name))
+    assert re.search(r"not writable|Permission denied", err), err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere"
+)
+def test_really_read_only_directory(run_cli, tmp_path, inputs, tiny_model_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        for template in (UNWRITABLE["run"], UNWRITABLE["embed"], UNWRITABLE["pairs-split"]):
+            argv = _argv(template, d=inputs, model=tiny_model_dir, locked=locked)
+            code, _, err = run_cli(*argv)
+            assert_user_error(code, err, "locked")
+    finally:
+        locked.chmod(0o755)
+
+
+# --- the real console: stderr at the file-descriptor level ----------------------------------
+
+_MANY = r"""
+import sys
+from tli.cli import main
+for argv in {cases!r}:
+    print("<<<case", file=sys.stderr, flush=True)
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    sys.stdout.flush()
+    print(f">>>code {{code}}", file=sys.stderr, flush=True)
+"""
+
+#: Cases that load a tokenizer, a model config or a whole model before failing: transformers,
+#: peft or tqdm must not add a line, a warning or a progress bar to the one error line.
+REAL_STDERR = [
+    "run-pairs-one-pair",
+    "run-layer-out-of-range",
+    "embed-layer-out-of-range",
+    "scan-pairs-one-pair",
+    "train-layer-out-of-range",
+    "train-pairs-one-pair",
+    "evaluate-adapter-corrupted",
+    "evaluate-adapter-other-model",
+    "pairs-check-bad-json",
+    "plot-no-results",
+]
+
+
+def test_real_stderr_holds_only_the_error_line(
+    tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter
+):
+    values = dict(d=inputs, model=tiny_model_dir, other=other_model_dir, adapter=adapter,
+                  corrupt=corrupt_adapter)  # fmt: skip
+    cases = [_argv(BAD_INPUT[c][0], out=tmp_path / f"out{i}", **values)
+             for i, c in enumerate(REAL_STDERR)]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _MANY.format(cases=cases)],
+        capture_output=True, text=True, env=python_env(), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    chunks = proc.stderr.split("<<<case\n")[1:]
+    assert len(chunks) == len(REAL_STDERR), proc.stderr
+    for name, chunk in zip(REAL_STDERR, chunks, strict=True):
+        body, _, code = chunk.rpartition(">>>code ")
+        assert_user_error(int(code), body, *BAD_INPUT[name][1])
+
+
+# --- internal bugs ----------------------------------------------------------------------------
+
+
+def test_an_internal_bug_propagates_from_main(monkeypatch, capsys, inputs):
+    import tli.cli.pairs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal bug")
+
+    monkeypatch.setattr(tli.cli.pairs, "summarize", broken)
+    with pytest.raises(RuntimeError, match="an internal bug"):
+        main(["pairs", "check", str(inputs / "pairs.tsv")])
+    assert "tli: error" not in capsys.readouterr().err
+
+
+def test_an_internal_bug_exits_1_with_its_traceback(inputs):
+    """The console script (``sys.exit(main())``) with a bug planted in a stage."""
+    script = (
+        "import sys, tli.pairs\n"
+        "def broken(*a, **k):\n"
+        "    raise RuntimeError('an internal bug')\n"
+        "tli.pairs.summarize = broken\n"
+        "from tli.cli import main\n"
+        "sys.argv = ['tli', 'pairs', 'check', sys.argv[1]]\n"
+        "sys.exit(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(inputs / "pairs.tsv")],
+        capture_output=True, text=True, env=python_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "RuntimeError: an internal bug" in proc.stderr
+    assert "tli: error" not in proc.stderr
+
+
+def test_a_user_error_from_the_console_script_exits_2(inputs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tli", "pairs", "check", str(inputs / "bad.json")],
+        capture_output=True, text=True, env=python_env(), timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("tli: error: ")
+
+
+def test_an_error_message_with_a_line_break_stays_one_line(run_cli, tmp_path):
+    odd = tmp_path / "two\nlines.tsv"
+    code, _, err = run_cli("pairs", "check", odd)
+    assert_user_error(code, err, "two\\nlines.tsv")
+
+
+# --- fuzzing ----------------------------------------------------------------------------------
+
+class ModelLoaded(Exception):
+    """Raised by the stubbed model loader: the arguments got past every check."""
+
+
+#: The commands fuzzed, as argv prefixes.
+FUZZED = {
+    "run": ["run"],
+    "pairs-check": ["pairs", "check"],
+    "pairs-split": ["pairs", "split"],
+    "embed": ["embed"],
+    "scan": ["scan"],
+    "train": ["train"],
+    "evaluate": ["evaluate"],
+    "plot": ["plot"],
+}
+
+
+@functools.lru_cache
+def _options(prefix):
+    from tli.cli import build_parser
+
+    parser = build_parser()
+    for name in prefix:
+        action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+        parser = action.choices[name]
+    found = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    return sorted(found - {"--help"}) or ["--help"]
+
+
+FUZZ_WORDS = ["0", "1", "2", "-1", "9", "0.5", "1.5", "nan", "inf", "1e309", "final", "all",
+              "0-2", "3-1", "mean", "mean_all", "last", "max", "paper", "none", "true",
+              "gemma-3-270m", "no-such-model", "x.gguf", "train.epochs=0", "train.nope=1",
+              "pooling=max", "preset=[1]", "train.layer=9", "scan.n_boot=3", ""]  # fmt: skip
+FILES = ["pairs.tsv", "split.tsv", "one.tsv", "empty.json", "bad.json", "bad.csv",
+         "nofield.json", "bad.toml", "unknown_key.toml", "wrong_type.toml", "dir.tsv", "afile",
+         "adir", "words.txt", "latin1.tsv", "nope.tsv"]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", FUZZED.keys())
+@settings(max_examples=max(FUZZ_EXAMPLES * 3 // 10, 1), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(data=st.data())
+def test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model(
+    command, data, monkeypatch, capsys, tmp_path, inputs, tiny_model_dir, adapter
+):
+    import tli.models
+
+    def loaded(*args, **kwargs):
+        raise ModelLoaded
+
+    monkeypatch.setattr(tli.models, "load_model", loaded)
+    monkeypatch.setattr(tli.models, "gguf_to_cache", loaded)
+    own = tmp_path / "inputs"  # a private copy: `pairs split --out` may overwrite a file
+    if not own.exists():
+        shutil.copytree(inputs, own)
+        shutil.copytree(adapter, tmp_path / "adapter")
+    work = tmp_path / "cwd"
+    work.mkdir(exist_ok=True)
+    monkeypatch.chdir(work)
+    paths = [str(own / f) for f in FILES] + [str(tiny_model_dir), str(tmp_path / "adapter")]
+    token = (
+        st.sampled_from(_options(tuple(FUZZED[command]) or ["--verbose"]))
+        | st.sampled_from(FUZZ_WORDS)
+        | st.sampled_from(paths)
+        | st.text(st.characters(exclude_characters="/\x00", exclude_categories=("Cs",)),
+                  max_size=10)
+    )  # fmt: skip
+    argv = [*FUZZED[command], *data.draw(st.lists(token, max_size=8), label="argv")]
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    except ModelLoaded:
+        code = "model"
+    _, err = capsys.readouterr()
+    assert code in (0, 2, "model"), (argv, code)
+    if code == 2:
+        assert_user_error(code, err)
+
+
+# --- the documentation ------------------------------------------------------------------------
+
+
+#: Test files that docs/reliability.md names (test_reliability.py is its default) -> the files
+#: their tests live in now; a file not listed here holds its own tests.
+MOVED = {
+    "test_reliability.py": ("test_cli.py", "test_io.py", "test_pipeline.py", "test_plots.py",
+                            "test_train.py", "test_adapters.py", "test_package.py"),
+    "test_run.py": ("test_pipeline.py",),
+    "test_evaluate.py": ("test_evaluate.py", "test_adapters.py"),
+}  # fmt: skip
+
+
+def test_docs_reliability_md_is_current():
+    """Every test docs/reliability.md names exists; every bad-input case is listed there."""
+    from test_plots import DAMAGED_RESULTS
+
+    doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
+    sources = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py")}
+    params = {
+        "test_bad_input_is_one_line_exit_2": BAD_INPUT,
+        "test_out_directory_not_writable": UNWRITABLE,
+        "test_plot_of_damaged_results": DAMAGED_RESULTS,
+        "test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model": FUZZED,
+    }
+    reference = r"(?:tests/(test_\w+\.py)::)?(?<![/\w])(test_\w+)\b(?!\.py)(\[[^\]`]+\])?"
+    named = re.findall(reference, doc)
+    assert len(named) > 150
+    for file, name, param in named:
+        homes = MOVED.get(file or "test_reliability.py", (file,))
+        assert any(re.search(rf"^def {name}\(", sources[home], re.M) for home in homes), (
+            f"{file}::{name} does not exist"
+        )
+        if param:
+            assert param[1:-1] in params[name], f"{name}{param} is not a case"
+    for case in BAD_INPUT:
+        assert f"test_bad_input_is_one_line_exit_2[{case}]" in doc, f"{case} is not documented"
+    for case in UNWRITABLE:
+        assert f"test_out_directory_not_writable[{case}]" in doc, case
+    for case in DAMAGED_RESULTS:
+        assert f"test_plot_of_damaged_results[{case}]" in doc, case
+
+
+def test_docs_config_md_is_current():
+    assert (ROOT / "docs" / "config.md").read_text(encoding="utf-8") == config_reference(), (
+        "docs/config.md is stale: regenerate it with "
+        "python -c 'from tli.cli.reference import config_reference; "
+        "print(config_reference(), end=\"\")' "
+        "> docs/config.md"
+    )

@@ -6,6 +6,17 @@ import torch
 
 from tli import metrics as M
 from tli.errors import TLIError
+from tli.metrics import (
+    RETRIEVALS,
+    alignment_summary,
+    margin_rows,
+    paired_margin_bootstrap,
+    resample_indices,
+    similarity,
+    top1_hits,
+)
+
+from conftest import gold_of
 
 # ---------------------------------------------------------------- slow references (explicit loops)
 
@@ -333,3 +344,102 @@ def test_alignment_summary_layered():
         assert isinstance(value, float)
         assert value == pytest.approx(out[key][1], abs=1e-12), key
     assert math.isfinite(out["margin_lo"][0]) and out["margin_lo"][0] <= out["margin_hi"][0]
+
+
+# ---------------------------------------------------------------- margin parts, paired bootstrap
+
+
+def test_margin_rows_give_the_summary_baseline_and_margin():
+    gen = torch.Generator().manual_seed(0)
+    src, tgt = torch.randn(3, 6, 5, generator=gen), torch.randn(3, 6, 5, generator=gen)
+    gold = gold_of(6, [(0, 3)])
+    pair, row_sum, row_count = margin_rows(similarity(src, tgt), gold)
+    summary = alignment_summary(src, tgt, gold, n_boot=10)
+    baseline = row_sum.sum(-1) / row_count.sum(-1)
+    assert torch.allclose(baseline, torch.tensor(summary["baseline"], dtype=torch.float64))
+    margin = pair.mean(-1) - baseline
+    assert torch.allclose(margin, torch.tensor(summary["margin"], dtype=torch.float64))
+
+
+def _slow_margin(sim, gold, rows):
+    """Margin of one resample of query rows, written out cell by cell."""
+    b = sim.shape[0]
+    pair = float(np.mean([sim[i, i] for i in rows]))
+    mismatched = [sim[i, j] for i in rows for j in range(b) if not gold[i, j]]
+    baseline = float(np.mean(mismatched))
+    return pair, baseline
+
+
+def test_paired_margin_bootstrap_matches_a_slow_loop():
+    gen = torch.Generator().manual_seed(1)
+    L, B, D, n_boot, seed = 2, 7, 4, 40, 3
+    src0, tgt0 = torch.randn(L, B, D, generator=gen), torch.randn(L, B, D, generator=gen)
+    src1, tgt1 = src0 + 0.5 * torch.randn(L, B, D, generator=gen), tgt0 + 0.3 * src0
+    gold = gold_of(B, [(2, 5), (5, 2)])
+    pre, post = similarity(src0, tgt0), similarity(src1, tgt1)
+    got = paired_margin_bootstrap(pre, post, gold, n_boot=n_boot, seed=seed, level=0.9)
+    idx = resample_indices(B, n_boot, seed).numpy()
+    g = gold.numpy()
+    for layer in range(L):
+        s0, s1 = pre[layer].numpy(), post[layer].numpy()
+        boots = {"pair_change": [], "baseline_change": [], "margin_change": []}
+        for rows in idx:
+            p0, b0 = _slow_margin(s0, g, rows)
+            p1, b1 = _slow_margin(s1, g, rows)
+            boots["pair_change"].append(p1 - p0)
+            boots["baseline_change"].append(b1 - b0)
+            boots["margin_change"].append((p1 - b1) - (p0 - b0))
+        all_rows = np.arange(B)
+        p0, b0 = _slow_margin(s0, g, all_rows)
+        p1, b1 = _slow_margin(s1, g, all_rows)
+        observed = {
+            "pair_change": p1 - p0,
+            "baseline_change": b1 - b0,
+            "margin_change": (p1 - b1) - (p0 - b0),
+        }
+        for name, values in boots.items():
+            lo, hi = np.quantile(values, [0.05, 0.95])
+            assert got[f"{name}_lo"][layer].item() == pytest.approx(lo, abs=1e-12)
+            assert got[f"{name}_hi"][layer].item() == pytest.approx(hi, abs=1e-12)
+            assert got[name][layer].item() == pytest.approx(observed[name], abs=1e-12)
+
+
+def test_paired_bootstrap_is_seeded_and_paired():
+    gen = torch.Generator().manual_seed(2)
+    src, tgt = torch.randn(20, 8, generator=gen), torch.randn(20, 8, generator=gen)
+    sim, gold = similarity(src, tgt), gold_of(20)
+    a = paired_margin_bootstrap(sim, sim + 0.01, gold, n_boot=30, seed=5)
+    b = paired_margin_bootstrap(sim, sim + 0.01, gold, n_boot=30, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A shift of every cosine moves pairs and baseline alike: the margin change is exactly 0
+    # on every resample (an unpaired bootstrap would give a wide interval around 0).
+    assert a["margin_change_lo"].item() == pytest.approx(0.0, abs=1e-12)
+    assert a["margin_change_hi"].item() == pytest.approx(0.0, abs=1e-12)
+    assert a["pair_change_lo"].item() == pytest.approx(0.01)
+
+
+def test_top1_hits_average_to_the_summary_p_at_1():
+    gen = torch.Generator().manual_seed(3)
+    src = torch.randn(2, 9, 6, generator=gen)
+    tgt = src + 0.8 * torch.randn(2, 9, 6, generator=gen)
+    gold = gold_of(9, [(1, 4)])
+    hits = top1_hits(src, tgt, gold, csls_k=3)
+    summary = alignment_summary(src, tgt, gold, n_boot=5, csls_k=3)
+    assert set(hits) == set(RETRIEVALS)
+    for kind, h in hits.items():
+        assert h.shape == (2, 9) and h.dtype == torch.bool
+        assert h.double().mean(-1).tolist() == pytest.approx(summary[f"p_at_1_{kind}"])
+
+
+# ---------------------------------------------------------------- mismatched pairs
+
+
+def test_mismatched_pairs_are_a_seeded_derangement():
+    from tli.metrics import derangement
+
+    for n in (2, 3, 10, 97):
+        for seed in range(5):
+            perm = derangement(n, seed)
+            assert sorted(perm) == list(range(n))
+            assert all(perm[i] != i for i in range(n))
+            assert perm == derangement(n, seed)

@@ -132,3 +132,65 @@ def test_source_and_docs_cite_only_files_in_the_repository():
     for path in files:
         for fact in re.findall(r"docs/design\.md, fact (\d+)", path.read_text(encoding="utf-8")):
             assert f"\n{fact}. **" in design, (path, fact)
+
+
+# --- safety -----------------------------------------------------------------------------------
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def _code_lines():
+    for path in SOURCES:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if code.strip():
+                yield f"{path.relative_to(ROOT)}:{number}", code
+
+
+def test_weights_are_read_only_through_safetensors_or_weights_only():
+    for where, code in _code_lines():
+        if "torch.load(" in code:
+            assert "weights_only=True" in code, where
+        assert not re.search(r"\bpickle\b|\bdill\b|\bjoblib\b|allow_pickle\s*=\s*True", code), where
+        assert not re.search(r"weights_only\s*=\s*False", code), where
+
+
+def test_no_user_string_reaches_a_shell():
+    for where, code in _code_lines():
+        assert "shell=True" not in code, where
+        assert not re.search(r"\bos\.(system|popen|exec\w*|spawn\w*)\(", code), where
+        assert not re.search(r"(?<![.\w])(eval|exec)\(", code), where
+        if re.search(r"subprocess\.(run|Popen|call|check_output|check_call)\(", code):
+            assert re.search(r"\(\s*\[|\(\s*$|\(cmd|\(argv|\(command", code), where
+
+
+def test_trust_remote_code_is_off_unless_a_flag_says_so(monkeypatch, tiny_model_dir):
+    import transformers
+
+    from tli.cli import build_parser
+    from tli.models import ModelConfig, load_model
+
+    assert ModelConfig().trust_remote_code is False
+    for where, code in _code_lines():
+        assert "trust_remote_code=True" not in code, where
+    seen = []
+    for cls_name in ("AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"):
+        cls = getattr(transformers, cls_name)
+        real = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _real=real, _name=cls_name, **kwargs):
+            seen.append((_name, kwargs.get("trust_remote_code")))
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    for flag in (False, True):
+        seen.clear()
+        load_model(ModelConfig(name=str(tiny_model_dir), trust_remote_code=flag))
+        assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+        assert all(value is flag for _, value in seen), seen
+    parser = build_parser()
+    for argv in (["embed", "x"], ["scan"], ["train"], ["evaluate", "--adapter", "a"]):
+        args = parser.parse_args(argv)
+        assert getattr(args, "trust_remote_code", False) is False, argv
+        with_flag = parser.parse_args([*argv, "--trust-remote-code"])
+        assert with_flag.trust_remote_code is True, argv

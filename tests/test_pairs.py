@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tli import cli
+from tli.cli import main
 from tli.errors import TLIError
 from tli.pairs import (
     FORMATS,
@@ -36,29 +36,9 @@ from tli.pairs import (
     split_sets,
 )
 
-LEXICON = Path(__file__).resolve().parents[1] / "src" / "tli" / "data" / "lexicon.tsv"
+from conftest import SRC
 
-
-@pytest.fixture(autouse=True)
-def _restore_tli_logger():
-    """cli.main() points the "tli" logger at the current stderr; undo that after each test."""
-    logger = logging.getLogger("tli")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """Run `tli ...` in-process with only this stage registered; return (code, out, err)."""
-    monkeypatch.setattr(cli, "COMMANDS", ("tli.cli.pairs",))
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = cli.main(list(argv))
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+LEXICON = SRC / "tli" / "data" / "lexicon.tsv"
 
 
 def write(path: Path, content: str | bytes) -> Path:
@@ -517,8 +497,8 @@ def test_cli_split_writes_the_split_in_place(tmp_path, run_cli):
 
 def test_cli_split_rejects_bad_options(tmp_path, run_cli):
     path = write(tmp_path / "lex.tsv", _tsv(SYNTHETIC))
-    with pytest.raises(SystemExit) as info:
-        run_cli("pairs", "split", str(path), "--control-fraction", "1.5", "--out", str(path))
+    with pytest.raises(SystemExit) as info:  # argparse rejects the value itself
+        main(["pairs", "split", str(path), "--control-fraction", "1.5", "--out", str(path)])
     assert info.value.code == 2
     code, _, err = run_cli("pairs", "split", str(path), "--out", str(tmp_path / "out.json"))
     assert code == 2 and "give a .tsv file name" in err
@@ -567,6 +547,8 @@ def test_cli_check_summary_and_token_counts(tmp_path, run_cli, monkeypatch):
     monkeypatch.setitem(
         sys.modules, "tli.models", types.SimpleNamespace(load_tokenizer=load_tokenizer)
     )
+    # Only `tli pairs` is registered: the other commands' modules need the real tli.models.
+    monkeypatch.setattr("tli.cli.COMMANDS", ("tli.cli.pairs",))
     code, out, err = run_cli("pairs", "check", str(path), "--model", "fake-model")
     assert code == 0 and err == "" and loaded == ["fake-model"]
     assert "pairs: 3 (trained 2, control 1)" in out

@@ -36,22 +36,10 @@ from tli.probe import (
 )
 from tli.train import TrainConfig, train
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import PROBE_SETS, assert_one_line_error, tiny_model, tiny_tokenizer
 
-TRAINED = [
-    Pair("mtoto", "child"),
-    Pair("kitabu", "book"),
-    Pair("maji", "water"),
-    Pair("nyumba", "house"),
-    Pair("mbwa", "dog"),
-    Pair("paka", "cat"),
-    Pair("chakula", "food"),
-    Pair("mti", "tree"),
-    Pair("bahari", "sea", alternatives=("ocean",)),
-    Pair("mkate", "bread"),
-]
-CONTROL = [Pair("jua", "sun", split="control"), Pair("mwezi", "moon", split="control")]
-SETS = {"trained": TRAINED, "control": CONTROL}
+SETS = PROBE_SETS
+TRAINED, CONTROL = SETS["trained"], SETS["control"]
 # Small, fast settings for the tiny model: short templates keep prompts a few dozen bytes.
 FAST = dict(max_new_tokens=6, score_max_new_tokens=4, shots=2, batch_size=32, n=2)
 
@@ -277,15 +265,6 @@ def test_scoring_needs_a_trained_set():
 # --- generation and the adapter ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny Llama whose positions reach far enough for few-shot prompts of bytes."""
-    path = tmp_path_factory.mktemp("probe-llama")
-    tiny_model("llama", layers=4, max_position_embeddings=512).save_pretrained(path)
-    tiny_tokenizer("left").save_pretrained(path)
-    return path
-
-
 def _random_adapter(model_dir, out, *, zero_b=False, seed=1):
     loaded = load_model(ModelConfig(str(model_dir)))
     torch.manual_seed(seed)
@@ -308,41 +287,6 @@ def _random_adapter(model_dir, out, *, zero_b=False, seed=1):
 def random_adapter(model_dir, tmp_path_factory):
     """A LoRA adapter with random, clearly non-zero B: the tuned model differs from the base."""
     return _random_adapter(model_dir, tmp_path_factory.mktemp("adapter") / "random")
-
-
-def test_generate_pads_left_and_batches_like_single_prompts(model_dir):
-    loaded = load_model(ModelConfig(str(model_dir)))
-    tok = loaded.tokenizer
-    tok.padding_side = "right"  # generate must pad left whatever the tokenizer says
-    prompts = ["Swahili: mtoto\nEnglish:", "a", "Swahili: chakula cha jioni\nEnglish:", "mti"]
-    batched = generate(loaded.model, tok, prompts, max_new_tokens=5, batch_size=4)
-    single = [generate(loaded.model, tok, [p], max_new_tokens=5)[0] for p in prompts]
-    assert batched == single
-    assert tok.padding_side == "right"
-    # Stopping at the first line changes no answer.
-    short = generate(loaded.model, tok, prompts, max_new_tokens=5, first_line=True)
-    assert [extract_answer(s) for s in short] == [extract_answer(b) for b in batched]
-
-
-@pytest.mark.parametrize(
-    ("model_type", "overrides"),
-    [
-        ("llama", {}),
-        ("gemma3_text", {}),  # window 16 < prompt: batches of one length, no padding
-        ("gemma3_text", {"sliding_window": 512}),  # padding between prefix and rest
-    ],
-)
-def test_shared_prefix_cache_gives_the_plain_outputs(model_type, overrides):
-    model = tiny_model(model_type, layers=2, max_position_embeddings=512, **overrides)
-    tok = tiny_tokenizer("left")
-    items = score_items(SETS, ProbeConfig(shots=3))
-    prompts = [i["prompt"] for i in items]
-    chars = [i["prefix_chars"] for i in items]
-    # Per direction: the first 3 pairs of the order, or (for each of those 3) a variant.
-    assert len({p[:k] for p, k in zip(prompts, chars, strict=True)}) <= 2 * (1 + 3)
-    plain = generate(model, tok, prompts, max_new_tokens=4, batch_size=8)
-    cached = generate(model, tok, prompts, max_new_tokens=4, batch_size=8, prefix_chars=chars)
-    assert cached == plain
 
 
 def test_base_outputs_are_the_base_model_and_the_model_is_restored(
@@ -515,13 +459,6 @@ def test_summary_line_without_scores_and_without_results(model_dir, random_adapt
         probe_summary_line(tmp_path / "bad")
 
 
-def _assert_one_line_error(code, err, needle):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tli: error: "), err
-    assert needle in lines[0], lines[0]
-
-
 def _other_model_adapter(tmp_path):
     path = tmp_path / "other-llama"
     tiny_model("llama", layers=4, hidden_size=48, max_position_embeddings=512).save_pretrained(path)
@@ -561,14 +498,14 @@ def test_bad_adapter_is_one_line_exit_2(
     argv = ["probe", "--model", str(model_dir), "--adapter", str(adapter)]
     code = main([*argv, "--pairs", str(pair_file), "--out", str(out), "--score", *_fast_args()])
     _, err = capsys.readouterr()
-    _assert_one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
     assert not (out / PROBE_JSON).exists()
 
 
 def test_bad_option_is_one_line_exit_2(capsys, random_adapter):
     code = main(["probe", "--adapter", str(random_adapter), "--template-s2t", "{source}={target}"])
     _, err = capsys.readouterr()
-    _assert_one_line_error(code, err, "must not contain {target}")
+    assert_one_line_error(code, err, "must not contain {target}")
 
 
 def test_cli_templates_take_backslash_n_as_a_line_break(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tli import cli
 from tli.cli.plot import redraw
 from tli.errors import TLIError
 from tli.models import ModelConfig, load_model
@@ -17,7 +16,8 @@ from tli.pairs import Pair
 from tli.plots import plot_scan
 from tli.scan import ScanConfig, ScanResult, build_result, check_choice, run_scan, select_layer
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+from conftest import PNG_MAGIC, assert_one_line_error
+
 N = 4  # blocks of the tiny model in conftest's tiny_model_dir
 
 TRAINED = [
@@ -43,39 +43,6 @@ def write_pairs_tsv(path: Path, rows, split: bool = True) -> Path:
     lines = [header] + ["\t".join(r if split else r[:3]) for r in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
-
-
-@pytest.fixture(autouse=True)
-def _restore_tli_logger():
-    """cli.main() points the "tli" logger at the current stderr; undo that after each test."""
-    logger = logging.getLogger("tli")
-    saved = (logger.handlers[:], logger.level, logger.propagate)
-    yield
-    logger.handlers[:], logger.level, logger.propagate = saved
-
-
-@pytest.fixture
-def run_cli(monkeypatch, capsys):
-    """Run `tli ...` in-process with only these stages; return (code, out, err)."""
-    monkeypatch.setattr(cli, "COMMANDS", ("tli.cli.scan", "tli.cli.plot"))
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        try:
-            code = cli.main([str(a) for a in argv])
-        except SystemExit as exc:  # argparse-level errors
-            code = exc.code
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tli: error: "), err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,14 @@
 """scripts/lm_ceiling.py: the cached candidate scoring equals scoring each full sequence."""
 
 import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import tiny_model, tiny_tokenizer
+from conftest import ROOT, tiny_model, tiny_tokenizer
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "lm_ceiling.py"
+SCRIPT = ROOT / "scripts" / "lm_ceiling.py"
 
 
 def _load_script():

@@ -1,6 +1,5 @@
 import csv
 import json
-from pathlib import Path
 
 import pytest
 
@@ -8,7 +7,7 @@ from tli.errors import TLIError
 from tli.pairs import Pair, write_pairs
 from tli.sweep import mean_ci, parse_grid, read_grid, run_sweep
 
-from conftest import WORDS
+from conftest import ROOT, WORDS
 
 
 def _grid(tmp_path, model_dir, extra=""):
@@ -110,7 +109,7 @@ def test_parallel_sweep_matches_sequential(tiny_model_dir, tmp_path):
         assert a["post"]["margin"] == pytest.approx(b["post"]["margin"], abs=1e-5)
 
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = ROOT / "examples"
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("sweep-*.toml")), ids=lambda p: p.name)

