@@ -153,6 +153,8 @@ def test_peft_with_zero_lora_b_gives_base_nll():
         for p in lora_b:
             p.fill_(0.05)
     assert not np.allclose(sentence_nll(wrapped, tok, TEXTS, batch_size=3)[0], base[0])
+    with wrapped.disable_adapter():  # the base model's score, as docs/perplexity.md says
+        np.testing.assert_array_equal(sentence_nll(wrapped, tok, TEXTS, batch_size=3)[0], base[0])
 
 
 @pytest.mark.parametrize(
