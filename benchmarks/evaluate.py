@@ -1,7 +1,8 @@
-"""Time of `tli evaluate` on the embedded model: 686 pairs, pre and post, every layer.
+"""Time of `tli evaluate` on the embedded model: the bundled lexicon, pre and post, every layer.
 
-The pairs are the bundled lexicon split without leakage (``tli.pairs.split_pairs``, seed 0),
-cut to the paper's sizes: 623 trained + 63 control. The adapter is a real one, trained here by
+The pairs are the bundled lexicon with its stored split (``tli.pairs.load_sets``: 1343 trained +
+272 control); ``--trained`` / ``--control`` cut them (e.g. to the paper's 623 + 63). The adapter
+is a real one, trained here by
 ``tli.train`` for one epoch at layer 2 (the paper's settings otherwise), depth-truncated, so the
 post-training vectors differ from the base ones as they would in a run. Training and model
 loading are timed apart; the figure that counts is ``evaluate_s``: ``tli.evaluate.evaluate``
@@ -31,8 +32,8 @@ def main() -> int:
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--layer", type=int, default=2, help="training layer (paper: 2)")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--trained", type=int, default=623)
-    parser.add_argument("--control", type=int, default=63)
+    parser.add_argument("--trained", type=int, default=None, help="first N trained pairs")
+    parser.add_argument("--control", type=int, default=None, help="first N control pairs")
     parser.add_argument("--out", type=Path, help="keep the evaluation here (default: temporary)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
@@ -41,10 +42,10 @@ def main() -> int:
 
     from tli.evaluate import EvalConfig, evaluate
     from tli.models import ModelConfig, load_model, load_tokenizer
-    from tli.pairs import load_lexicon, split_pairs, split_sets
+    from tli.pairs import load_sets
     from tli.train import TrainConfig, train
 
-    sets = split_sets(split_pairs(load_lexicon(), control_fraction=0.1, seed=0))
+    sets = load_sets().as_dict()
     sets = {"trained": sets["trained"][: args.trained], "control": sets["control"][: args.control]}
     n_pairs = sum(len(p) for p in sets.values())
     with tempfile.TemporaryDirectory(prefix="tli-bench-eval-") as tmp:

@@ -91,8 +91,12 @@ def test_all_vectors_moving_together_is_a_collapse():
     figures, _, _ = compare((src, tgt), post, gold_of(80), EvalConfig(n_boot=200))
     verdict = figures["verdicts"][0]
     assert verdict["code"] == "collapsed", verdict["reason"]
-    assert verdict["label"] == "raw cosine rose but the space collapsed"
+    assert verdict["label"].startswith("raw cosine rose but the space collapsed; margin fell; ")
+    assert verdict["collapse"] and verdict["geometry"] == "fell"
     assert figures["change"]["abs_change"][0] > 0.2 and figures["change"]["p"][0] < 1e-10
+    # centring removes the shared direction: centred retrieval is about where it was
+    pre, post = figures["pre"]["p_at_1_s2t_centered"][0], figures["post"]["p_at_1_s2t_centered"][0]
+    assert abs(post - pre) <= 2 / 80
 
 
 def test_only_translation_pairs_moving_closer_is_alignment():
@@ -101,7 +105,7 @@ def test_only_translation_pairs_moving_closer_is_alignment():
     figures, _, _ = compare((src, tgt), post, gold_of(80), EvalConfig(n_boot=200))
     verdict = figures["verdicts"][0]
     assert verdict["code"] == "improved", verdict["reason"]
-    assert verdict["label"] == "alignment improved"
+    assert verdict["label"] == "alignment improved" and verdict["rank"] == 2
     assert figures["bootstrap"]["margin_change_lo"][0] > 0
 
 
@@ -109,6 +113,7 @@ def test_unchanged_vectors_are_no_change():
     src, tgt, _ = _pairs_with_noise(30, 16, 1.0, seed=7)
     figures, _, _ = compare((src, tgt), (src.clone(), tgt.clone()), gold_of(30), QUICK)
     assert figures["verdicts"][0]["code"] == "none"
+    assert figures["verdicts"][0]["label"].startswith("no detectable change: margin change not")
     assert figures["change"]["p"][0] == 1.0
 
 
@@ -162,7 +167,9 @@ def test_end_to_end_writes_every_file(base, adapter_dir, tiny_model_dir, tmp_pat
     assert set(data["target_layer_verdicts"]) == {"trained", "control"}
     for name, n in (("trained", len(TRAINED)), ("control", len(CONTROL))):
         s = data["sets"][name]
-        assert s["n"] == n and data["verdicts"][name]["label"] in VERDICTS.values()
+        verdict = data["verdicts"][name]
+        assert s["n"] == n and verdict["code"] in VERDICTS and verdict["layer"] == 4
+        assert {"geometry", "retrieval", "collapse", "rank", "label", "reason"} <= set(verdict)
         for group in ("pre", "post", "change", "bootstrap"):
             for key, values in s[group].items():
                 assert len(values) == 5, (group, key)
@@ -178,7 +185,11 @@ def test_end_to_end_writes_every_file(base, adapter_dir, tiny_model_dir, tmp_pat
         "| Set | N | Pre mean (std) | Post mean (std) | Abs. change | % change | t | p |",
         "Baseline pre → post",
         "Margin change",
-        "P@1 s2t_nn",
+        "P@1 s2t_centered pre → post [95% Wilson]",
+        "| Set | N | Geometry: margin change [95% CI] | detects |",
+        "## Retrieval at the final layer (4)",
+        "| control | t→s centred NN |",
+        "| trained | s→t centred NN (verdict) |",
         "| 2 (trained) |",
         "| 4 (final) |",
         "## Table 2",

@@ -326,7 +326,7 @@ def test_alignment_summary_layered():
         f"{m}_{d}_{method}"
         for m in ("p_at_1", "p_at_5", "mrr")
         for d in ("s2t", "t2s")
-        for method in ("nn", "csls")
+        for method in ("nn", "csls", "centered")
     }
     base_keys = {"pair_mean", "pair_std", "baseline", "margin", "margin_lo", "margin_hi"}
     assert set(out) == base_keys | retrieval_keys | {"chance_p_at_1_s2t", "chance_p_at_1_t2s"}
@@ -337,6 +337,8 @@ def test_alignment_summary_layered():
     np.testing.assert_allclose(out["margin"], M.margin(src, tgt, gold).numpy())
     t2s = M.bli_report(tgt, src, gold.T, csls_k=3)
     np.testing.assert_allclose(out["p_at_1_t2s_csls"], t2s["p_at_1_csls"].numpy())
+    t2s_centred = M.centered_report(tgt, src, gold.T)
+    np.testing.assert_allclose(out["mrr_t2s_centered"], t2s_centred["mrr_centered"].numpy())
     assert out["chance_p_at_1_s2t"][0] == pytest.approx(M.random_chance_p_at_1(gold))
     # Each layer alone gives the same numbers as the stack (the bootstrap shares one draw).
     one = M.alignment_summary(src[1], tgt[1], gold, n_boot=100, seed=0, csls_k=3)
@@ -344,6 +346,36 @@ def test_alignment_summary_layered():
         assert isinstance(value, float)
         assert value == pytest.approx(out[key][1], abs=1e-12), key
     assert math.isfinite(out["margin_lo"][0]) and out["margin_lo"][0] <= out["margin_hi"][0]
+
+
+def test_centred_retrieval_matches_a_slow_reference():
+    # Each side centred over its own list (numpy, loops), then nearest-neighbour ranks with ties
+    # counted against the query and listed alternatives counted as hits.
+    src = rand(L, B, D, seed=31) + 2.0  # a shared offset: the anisotropy centring removes
+    tgt = src + 1.5 * rand(L, B, D, seed=32) + 2.0
+    gold = gold_with_alternatives(B, B, seed=33)
+    out = M.centered_report(src, tgt, gold)
+    for layer in range(L):
+
+        def centred(x):
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            x = x - x.mean(axis=0)
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+        sim = ref_similarity(
+            centred(src[layer].double().numpy()), centred(tgt[layer].double().numpy())
+        )
+        ranks = []
+        for i in range(B):
+            best = max(sim[i, j] for j in range(B) if gold[i, j])
+            ranks.append(1 + sum(1 for j in range(B) if not gold[i, j] and sim[i, j] >= best))
+        assert out["rank_centered"][layer].tolist() == ranks
+        p_at_1 = np.mean([r == 1 for r in ranks])
+        assert out["p_at_1_centered"][layer].item() == pytest.approx(p_at_1)
+        assert out["mrr_centered"][layer].item() == pytest.approx(np.mean([1 / r for r in ranks]))
+    # Centring is what makes it differ from plain nearest neighbour here.
+    plain = M.bli_report(src, tgt, gold)
+    assert not torch.equal(plain["rank_nn"], out["rank_centered"])
 
 
 # ---------------------------------------------------------------- margin parts, paired bootstrap

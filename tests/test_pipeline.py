@@ -31,6 +31,7 @@ from tli.io import is_leftover
 from tli.pairs import read_pairs
 from tli.pipeline.config import SECTIONS, load_run_config, resolve_config, to_toml
 from tli.pipeline.presets import PRESETS
+from tli.plots import TSNE_NOTE
 
 from conftest import FUZZ_EXAMPLES, PNG_MAGIC, ROOT, assert_user_error, python_env
 
@@ -64,6 +65,7 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
     assert main(quick_run_argv(tiny_model_dir, small_pairs, out)) == 0
     stdout = capsys.readouterr().out
     assert "trained (layer" in stdout and "control (layer" in stdout
+    assert "geometry " in stdout and "retrieval " in stdout and "collapse flag" in stdout
     for name in ("config.toml", "environment.json", "run.json", "report.md", "report.html",
                  "pairs/pairs.tsv", "scan/scan.json", "scan/scan.csv", "train/final",
                  "train/train_log.csv", "eval/evaluation.json", "eval/evaluation.md",
@@ -78,6 +80,10 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
     assert html.count("data:image/png;base64,") == 5 and 'src="figures/' not in html
     md = (out / "report.md").read_text()
     assert "Table 1" in md and "Table 2" in md and "Verdicts" in md
+    assert "| Set | N | Geometry: margin change [95% CI] | detects |" in md
+    assert "## Retrieval: nearest neighbour, CSLS and centred (final layer)" in md
+    assert "| control | s→t centred NN (verdict) |" in md
+    assert md.index("Figure 3: t-SNE") < md.index(TSNE_NOTE) < md.index("per-pair change:")
     # The resolved config re-runs: it parses to the same RunConfig.
     cfg = load_run_config(out / "config.toml")
     assert cfg.model.name == str(tiny_model_dir) and cfg.train.epochs == 1

@@ -92,6 +92,8 @@ def test_cli_scan_writes_every_layer_for_both_sets(run_cli, tiny_model_dir, pair
             "mrr_t2s_nn",
             "centered_margin",
             "centered_p_at_1_s2t_nn",
+            "p_at_1_s2t_centered",
+            "mrr_t2s_centered",
         ):
             layers = {
                 int(r["layer"]) for r in rows if r["set"] == set_name and r["metric"] == metric
@@ -106,6 +108,13 @@ def test_cli_scan_writes_every_layer_for_both_sets(run_cli, tiny_model_dir, pair
     assert data["chosen_layer"] != data["next_best_layer"]
     assert set(data["sets"]) == set(data["centered"]) == {"trained", "control"}
     assert all(len(v) == N + 1 for v in data["sets"]["control"].values())
+    # --center centres each set by its own mean, as the always-reported centred retrieval does
+    for name in ("trained", "control"):
+        for d in ("s2t", "t2s"):
+            assert data["centered"][name][f"p_at_1_{d}_nn"] == pytest.approx(
+                data["sets"][name][f"p_at_1_{d}_centered"]
+            )
+    assert "P@1 centred" in stdout
     assert (out / "scan.png").read_bytes()[:8] == PNG_MAGIC
     assert f"chosen layer (*): {data['chosen_layer']}" in stdout
     assert "trained (8 pairs" in stdout and "control (4 pairs" in stdout

@@ -227,3 +227,36 @@ def test_discordant_counts():
     post = [True, False, True, True, False]
     assert S.discordant_counts(pre, post) == (2, 2)
     assert S.discordant_counts(pre, pre) == (0, 0)
+
+
+def test_wilson_interval_against_newcombe():
+    # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Stat. Med.
+    # 17:857-872: its worked examples, method 3 (Wilson score, no continuity correction).
+    from tli.stats import wilson_interval
+
+    for (k, n), (lo, hi) in {
+        (81, 263): (0.2553, 0.3662),
+        (15, 148): (0.0624, 0.1605),
+        (0, 20): (0.0, 0.1611),
+        (1, 29): (0.0061, 0.1718),
+    }.items():
+        got = wilson_interval(k, n)
+        assert got == pytest.approx((lo, hi), abs=5e-5), (k, n)
+    # the closed form, at another level
+    k, n, z = 7, 40, 2.5758293035489004  # 99%
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert wilson_interval(k, n, 0.99) == pytest.approx((centre - half, centre + half))
+    with pytest.raises(TLIError, match="0 <= k <= n"):
+        wilson_interval(5, 4)
+
+
+def test_mcnemar_min_gain_is_the_fewest_gains_that_reach_alpha():
+    from tli.stats import mcnemar_min_gain
+
+    for alpha in (0.05, 0.01, 0.2):
+        c = mcnemar_min_gain(alpha)
+        assert S.mcnemar_exact(0, c) < alpha <= S.mcnemar_exact(0, c - 1)
+    assert mcnemar_min_gain(0.05) == 6 and mcnemar_min_gain(0.01) == 8
+    assert mcnemar_min_gain(0.05, n=6) == 6 and mcnemar_min_gain(0.05, n=5) is None

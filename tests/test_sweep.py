@@ -6,6 +6,7 @@ import pytest
 from tli.errors import TLIError
 from tli.pairs import Pair, write_pairs
 from tli.sweep import mean_ci, parse_grid, read_grid, run_sweep
+from tli.verdict import VERDICTS
 
 from conftest import ROOT, WORDS
 
@@ -59,6 +60,12 @@ def test_sweep_writes_outputs_and_resumes(tiny_model_dir, tmp_path, monkeypatch)
         assert (out / name).is_file(), name
     rows = list(csv.DictReader((out / "sweep.csv").open()))
     assert len(rows) == 8 and {"objective", "loss_layers", "seed", "post_margin_lo"} <= set(rows[0])
+    assert {"geometry", "retrieval", "collapse", "post_p_at_1_s2t_centered"} <= set(rows[0])
+    record = json.loads((out / "cells" / cell.name / "cell.json").read_text())
+    findings = record["findings"]
+    assert findings["geometry"] in ("rose", "fell", "unchanged") and findings["label"]
+    assert record["verdict"] in VERDICTS and isinstance(findings["collapse"], bool)
+    assert rows[0]["geometry"] == findings["geometry"]
     md = (out / "sweep.md").read_text()
     assert md.count("\n| ") == 1 + 4  # header + one row per objective x loss_layers
     base = json.loads((out / "base.json").read_text())
@@ -74,6 +81,14 @@ def test_sweep_writes_outputs_and_resumes(tiny_model_dir, tmp_path, monkeypatch)
     # Removing one cell's record re-runs that cell only (from its finished training).
     (out / "cells" / cell.name / "cell.json").unlink()
     assert len(run_sweep(grid, out)) == 8
+    # A record of an older tli (no findings, no centred P@1) is evaluated again, not retrained.
+    path = out / "cells" / grid.cells[1].name / "cell.json"
+    old = json.loads(path.read_text())
+    findings, centred = old.pop("findings"), old["post"].pop("p_at_1_s2t_centered")
+    path.write_text(json.dumps(old))
+    assert len(run_sweep(grid, out)) == 8
+    again = json.loads(path.read_text())
+    assert again["findings"] == findings and again["post"]["p_at_1_s2t_centered"] == centred
 
 
 @pytest.mark.parametrize(

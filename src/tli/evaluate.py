@@ -7,16 +7,17 @@ reports the paper's figures (mean (std) of the per-pair cosine pre and post, abs
 change, paired t-test) and what is needed to read them: Wilcoxon, a bootstrap CI of the mean
 change, Cohen's d_z, the mismatched-pair baseline, the margin (pairs minus baseline) with a
 *paired* bootstrap CI of its change, and retrieval P@1/P@5/MRR (nearest neighbour and CSLS, both
-directions) with an exact McNemar test of the P@1 change. A verdict per set and layer
-(:mod:`tli.verdict`) says whether the adapter aligned translations or only raised raw cosine
-(docs/design.md, fact 2). The headline layer is the final one (the paper's protocol); the adapter's
-training layer is marked in every table.
+directions, and nearest neighbour after mean-centring each side) with an exact McNemar test of
+each P@1 change. A verdict per set and layer (:mod:`tli.verdict`) states two findings (margin,
+retrieval), a collapse flag and a headline made of them, so a rise in raw cosine is never read
+as alignment when the baseline shares it (docs/design.md, fact 2). The headline layer is the final
+one (the paper's protocol); the adapter's training layer is marked in every table.
 
 An evaluation directory holds::
 
     pairs.csv            source, target, set, layer, pre, post, change (every pair, every layer)
     evaluation.json      config, model, adapter, per set and layer every figure, verdicts, timings
-    evaluation.md        verdicts, Table 1 (final layer and every layer), Table 2 (examples)
+    evaluation.md        verdicts and findings, Table 1 (final and every layer), retrieval, Table 2
     vectors.safetensors  final- and training-layer vectors pre and post, for figures (t-SNE)
 
 :meth:`EvalResult.load` reads a directory back; :func:`load_vectors` reads the vectors.
@@ -107,15 +108,25 @@ class EvalConfig:
     collapse_ratio: float = field(
         default=0.5,
         metadata={
-            "help": "verdict 'collapsed' when the pair cosine rose significantly and the "
-            "mismatched baseline rose by at least this share of it (docs/evaluation.md)"
+            "help": "collapse flag: the pair cosine rose significantly, the mismatched "
+            "baseline rose by at least this share of it, and the margin-change CI is not "
+            "above 0 (docs/evaluation.md)"
+        },
+    )
+    min_effect: float = field(
+        default=0.005,
+        metadata={
+            "help": "the smallest change a verdict names, however small its p-value: in "
+            "cosine for the pair cosine and the margin, in share of queries for P@1 "
+            "(docs/evaluation.md; not in the paper)"
         },
     )
     verdict_retrieval: Retrieval = field(
-        default="s2t_nn",
+        default="s2t_centered",
         metadata={
-            "help": "the P@1 the verdict tests: s2t_nn (source -> target, nearest "
-            "neighbour), s2t_csls, t2s_nn or t2s_csls"
+            "help": "the P@1 the verdict's retrieval finding tests: s2t_centered (source -> "
+            "target, nearest neighbour after mean-centring each side; the default, "
+            "docs/evaluation.md says why), s2t_nn, s2t_csls, or the t2s_ variants"
         },
     )
     n_examples: int = field(
@@ -134,6 +145,7 @@ class EvalConfig:
         check_unit("level", self.level)
         check_unit("alpha", self.alpha)
         check_range("collapse_ratio", self.collapse_ratio, 0.0, lo_open=True)
+        check_range("min_effect", self.min_effect, 0.0, 1.0)
         check_one_of("verdict_retrieval", self.verdict_retrieval, RETRIEVALS)
 
 
@@ -205,6 +217,7 @@ def compare(
                 verdict_figures(figures, i, cfg),
                 alpha=cfg.alpha,
                 collapse_ratio=cfg.collapse_ratio,
+                min_effect=cfg.min_effect,
             )
         )
         for i in range(n_layers)
@@ -234,6 +247,7 @@ def verdict_figures(figures: Mapping[str, Any], i: int, cfg: EvalConfig) -> Verd
         p1_lost=int(test["lost"][i]),
         p1_gained=int(test["gained"][i]),
         p1_p=test["p"][i],
+        n=int(figures["n"]),
         level=cfg.level,
         p1_name=f"P@1 ({direction}, {method})",
     )
@@ -343,6 +357,18 @@ class EvalResult:
         from tli.tables import table1
 
         return table1(self, layer)
+
+    def findings_table(self, layer: int | None = None) -> str:
+        """The verdict's findings and collapse flag per set (Markdown)."""
+        from tli.tables import findings_table
+
+        return findings_table(self, layer)
+
+    def retrieval_table(self, layer: int | None = None) -> str:
+        """P@1 with Wilson intervals and MRR of every retrieval variant per set (Markdown)."""
+        from tli.tables import retrieval_table
+
+        return retrieval_table(self, layer)
 
     def layer_table(self, set_name: str) -> str:
         """One set at every layer (Markdown); the training and final layers are marked."""

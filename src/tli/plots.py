@@ -311,7 +311,7 @@ def plot_tsne(
 
 
 def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
-    """Per-layer pair cosine, mismatched baseline and P@1, before and after, for each set."""
+    """Per-layer pair cosine, mismatched baseline and P@1 (NN, centred NN), pre and post."""
     from tli.evaluate import EvalResult
 
     result = EvalResult.load(eval_dir)
@@ -354,6 +354,14 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
                 color="tab:green",
                 label=f"P@1 s->t NN ({when})",
             )
+            if "p_at_1_s2t_centered" in figs[when]:  # absent in evaluations of older tli
+                bottom.plot(
+                    layers,
+                    figs[when]["p_at_1_s2t_centered"],
+                    style,
+                    color="tab:purple",
+                    label=f"P@1 s->t centred NN ({when})",
+                )
         chance = figs["pre"].get("chance_p_at_1_s2t")
         if chance:
             bottom.plot(layers, chance, ":", color="0.6", label="chance")
@@ -423,12 +431,20 @@ def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathL
     return _save(fig, path)
 
 
+#: What the t-SNE figures cannot show; printed under them in the report (and in the docs).
+TSNE_NOTE = (
+    "t-SNE is fitted separately before and after training and keeps only neighbourhoods, not "
+    "distances or scale, so Figures 2-3 cannot show a collapse (every word moving closer to "
+    "every other): read that from the margin, in Table 1 and the findings above, and from "
+    "the per-pair change histogram (translation pairs against mismatched pairs)."
+)
+
 #: Figures of a run directory: file name -> what it shows.
 RUN_FIGURES = {
     "scan.png": "Figure 1: layer scan (pair cosine, baseline, P@1, margin)",
     "tsne_pre.png": "Figure 2: t-SNE of final-layer vectors before training",
     "tsne_post.png": "Figure 3: t-SNE of final-layer vectors after training",
-    "layers.png": "per-layer pair cosine, baseline and P@1, before and after",
+    "layers.png": "per-layer pair cosine, baseline and P@1 (NN and centred NN), before and after",
     "change_hist.png": "per-pair change: trained, control and mismatched pairs",
 }
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tli.io import atomic_write_text
+from tli.plots import TSNE_NOTE
 
 _CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
@@ -58,9 +59,15 @@ def build_markdown(run_dir: Path) -> str:
         "Verdicts (final layer)",
         *[f"- **{line}**" for line in ev.verdict_lines()],
         "",
-        "A verdict of *alignment improved* needs both the margin (pair cosine minus the "
-        "mismatched-pair baseline) and retrieval P@1 to rise significantly; a rise in raw cosine "
-        "that the baseline shares is collapse, not alignment (docs/evaluation.md).",
+        ev.findings_table(),
+        "",
+        "Each verdict states two findings: **geometry** (did the margin, pair cosine minus the "
+        "mismatched-pair baseline, rise or fall? its paired bootstrap CI decides) and "
+        "**retrieval** (did P@1 rise or fall? McNemar's exact test decides), each with the "
+        "smallest change its n could detect, and a **collapse flag** (raw cosine rose "
+        "significantly, the baseline shared at least the configured part of the rise, and the "
+        "margin did not rise). *Alignment improved* needs both findings to rise; the headline "
+        "of every other case is in docs/evaluation.md.",
     )
     if (run_dir / "probe" / "probe.json").is_file():
         from tli.probe import probe_summary_line
@@ -82,6 +89,14 @@ def build_markdown(run_dir: Path) -> str:
         "",
         ev.table1(layer),
     )
+    lines += _section(
+        "Retrieval: nearest neighbour, CSLS and centred (final layer)",
+        ev.retrieval_table(),
+        "",
+        "P@1 with its 95% Wilson interval; centred: each side's mean vector subtracted over its "
+        "own list before the nearest-neighbour search (MUSE). The verdict tests "
+        f"`{ev.config.verdict_retrieval}`.",
+    )
     lines += _section("Layer scan (before training)", "```", scan.table(), "```")
     for name in ev.sets:
         lines += _section(f"Table 2: examples, {name} set (final layer)", ev.table2(name))
@@ -89,6 +104,8 @@ def build_markdown(run_dir: Path) -> str:
     for fname, caption in RUN_FIGURES.items():
         if (run_dir / "figures" / fname).is_file():
             figs += [f"![{caption}](figures/{fname})", "", f"*{caption}*", ""]
+            if fname == "tsne_post.png":
+                figs += [TSNE_NOTE, ""]
     lines += _section("Figures", *figs)
     lines += _section(
         "Training",

@@ -3,10 +3,11 @@
 For every layer 0..N (0 = input embeddings, N = final; docs/design.md, fact 3) and every set of
 pairs (trained, control), the scan reports the paper's metric (mean and std of the translation
 pair cosine) beside what is needed to read it: the mismatched-pair baseline, the margin (pairs
-minus baseline) with a seeded bootstrap CI, and retrieval (P@1, P@5, MRR; nearest neighbour and
-CSLS; both directions). With ``center`` it adds the same metrics after removing each language's
-mean vector at that layer. It then chooses a layer by one rule (``select_by``), reports the
-next best, and warns when the choice looks like anisotropy rather than alignment.
+minus baseline) with a seeded bootstrap CI, and retrieval (P@1, P@5, MRR; nearest neighbour,
+CSLS, and nearest neighbour after mean-centring each side; both directions). With ``center`` it
+adds every other metric after the same centring too (centred margin, centred CSLS). It then
+chooses a layer by one rule (``select_by``), reports the next best, and warns when the choice
+looks like anisotropy rather than alignment.
 
 All strings of all sets are embedded once, at every layer, in one decoder pass per batch
 (:func:`tli.embed.embed`); the maths is :func:`tli.metrics.alignment_summary`. A
@@ -68,8 +69,9 @@ class ScanConfig:
     center: bool = field(
         default=False,
         metadata={
-            "help": "also report every metric after subtracting each language's mean vector "
-            "per layer (the centring of MUSE and vecmap; not in the paper)"
+            "help": "also report every metric (margin, CSLS, ...) after subtracting each "
+            "side's mean vector over its set, per layer (the centring of MUSE and vecmap; not "
+            "in the paper). Centred nearest-neighbour retrieval is always reported"
         },
     )
     select_by: SelectBy = field(
@@ -507,17 +509,16 @@ def run_scan(
 
 
 def _center_language(by_set: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Centre one language's vectors by its mean over all sets, per layer.
+    """Centre one language's vectors per set and layer, by the set's own mean.
 
-    The mean is taken over every word of the language (all sets together), as MUSE centres a
-    whole vocabulary, so a small control set does not get a noisier mean of its own.
+    The same centring as :func:`tli.metrics.centered_similarity`, so the centred P@1 of
+    ``--center`` equals the always-reported ``p_at_1_<dir>_centered``, and a set's figures
+    depend on its own vectors only (the control set scores the same in the scan, the
+    evaluation and a sweep, which embeds it alone).
     """
     from tli.metrics import center
 
-    names = list(by_set)
-    sizes = [by_set[n].shape[-2] for n in names]
-    joined = center(torch.cat([by_set[n] for n in names], dim=-2))  # (L, sum B, D)
-    return dict(zip(names, torch.split(joined, sizes, dim=-2), strict=True))
+    return {name: center(x.to(torch.float64)) for name, x in by_set.items()}  # (L, B, D) each
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -306,3 +306,48 @@ def discordant_counts(pre_hits: np.ndarray, post_hits: np.ndarray) -> tuple[int,
             f"hit vectors must be 1-D of one length, got {pre_hits.shape}, {post_hits.shape}"
         )
     return int(np.sum(pre_hits & ~post_hits)), int(np.sum(~pre_hits & post_hits))
+
+
+def wilson_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (e.g. a P@1 of k hits among n queries).
+
+    Unlike the normal ("Wald") interval it stays inside [0, 1] and keeps its coverage near 0,
+    where retrieval P@1 of a small model usually lies (Newcombe 1998, method 3; Wilson 1927).
+    Computed by ``scipy.stats.binomtest(k, n).proportion_ci(method="wilson")``.
+
+    Args:
+        k: Successes (hits), ``0 <= k <= n``.
+        n: Trials (queries), ``n >= 1``.
+        level: Coverage, in (0, 1).
+
+    Returns:
+        ``(lo, hi)``.
+    """
+    if int(k) != k or int(n) != n or n < 1 or not 0 <= k <= n:
+        raise TLIError(f"a Wilson interval needs integers 0 <= k <= n, n >= 1; got {k}, {n}")
+    if not 0 < level < 1:
+        raise TLIError(f"level must be in (0, 1), got {level}")
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def mcnemar_min_gain(alpha: float, n: int | None = None) -> int | None:
+    """The fewest hits gained, with none lost, that McNemar's exact test finds at p < alpha.
+
+    With b = 0 lost and c gained, ``p = 2 * 0.5 ** c`` (:func:`mcnemar_exact`), so the answer
+    does not depend on the number of queries, only on whether there are that many: 6 at
+    alpha = 0.05, 8 at 0.01. Any hit lost raises it (one lost needs 8 gained at 0.05).
+
+    Args:
+        alpha: Significance level, in (0, 1).
+        n: The number of queries; None for no limit.
+
+    Returns:
+        The count, or None when it exceeds ``n`` (no change among n queries can be detected).
+    """
+    if not 0 < alpha < 1:
+        raise TLIError(f"alpha must be in (0, 1), got {alpha}")
+    c = 1
+    while mcnemar_exact(0, c) >= alpha:
+        c += 1
+    return None if n is not None and c > n else c

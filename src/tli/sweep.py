@@ -27,7 +27,8 @@ A grid file (TOML) names the model, the shared training values, named objectives
 Every cell (one value per axis) is trained with :func:`tli.train.train` on the trained split,
 then the control split is embedded at the final layer by the base model (once for the whole
 sweep) and by the base model with the cell's adapter, and compared with
-:func:`tli.evaluate.compare` (margin with bootstrap CI, P@1 NN and CSLS, raw cosine, verdict).
+:func:`tli.evaluate.compare` (margin with bootstrap CI, P@1 NN, CSLS and centred NN, raw cosine,
+the verdict's findings and collapse flag).
 
 Sweep directory::
 
@@ -81,6 +82,8 @@ FIGURES = (
     "p_at_1_s2t_nn",
     "p_at_1_s2t_csls",
     "p_at_1_t2s_nn",
+    "p_at_1_s2t_centered",
+    "p_at_1_t2s_centered",
     "margin",
     "margin_lo",
     "margin_hi",
@@ -90,6 +93,8 @@ FIGURES = (
     "margin_change_lo",
     "margin_change_hi",
 )
+#: The figures of a state (pre or post); the rest are changes (post only).
+LEVELS = tuple(k for k in FIGURES if not k.startswith("margin_change"))
 
 
 @dataclass(frozen=True)
@@ -249,7 +254,12 @@ def _figures(pre: tuple, post: tuple, control: Sequence[Any], sweep: SweepConfig
                 out[state][key] = figures[state][key][0]
     for key in ("margin_change", "margin_change_lo", "margin_change_hi"):
         out["post"][key] = figures["bootstrap"][key][0]
-    out["verdict"] = figures["verdicts"][0]["code"]
+    verdict = figures["verdicts"][0]
+    out["verdict"] = verdict["code"]
+    # the findings and the flag beside the headline (tli.verdict)
+    out["findings"] = {
+        key: verdict[key] for key in ("label", "geometry", "retrieval", "collapse", "rank")
+    }
     out["n"] = figures["n"]
     return out
 
@@ -329,11 +339,20 @@ def run_cell(
 
 
 def _done(cell: Cell, sweep_dir: Path) -> dict[str, Any] | None:
+    """The cell's record when it is finished with this config and every figure of this tli.
+
+    A record of an older tli (no centred P@1, no findings) is not done: the cell is evaluated
+    again from its finished training, which is not repeated.
+    """
     path = sweep_dir / "cells" / cell.name / "cell.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    return record if record.get("train") == json.loads(json.dumps(to_dict(cell.train))) else None
+    if record.get("train") != json.loads(json.dumps(to_dict(cell.train))):
+        return None
+    if "findings" not in record or not set(FIGURES) <= set(record.get("post", {})):
+        return None
+    return record
 
 
 def _base_figures(sweep: SweepConfig, sweep_dir: Path, base: Any) -> dict[str, Any]:
@@ -448,13 +467,15 @@ def to_csv(records: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> str:
     """One row per cell: axes, training time, control figures before and after."""
     buf = io.StringIO()
     cols = ["cell", *axes, "train_seconds", "steps", "final_loss", "verdict"]
-    cols += [f"pre_{k}" for k in FIGURES[:8]] + [f"post_{k}" for k in FIGURES]
+    cols += ["geometry", "retrieval", "collapse"]
+    cols += [f"pre_{k}" for k in LEVELS] + [f"post_{k}" for k in FIGURES]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
     for r in records:
         row = [r["name"], *(_label(r["axes"][a]) for a in axes)]
         row += [r["train_seconds"], r["steps"], r["final_loss"], r["verdict"]]
-        row += [r["pre"].get(k) for k in FIGURES[:8]] + [r["post"].get(k) for k in FIGURES]
+        row += [r["findings"][k] for k in ("geometry", "retrieval", "collapse")]
+        row += [r["pre"].get(k) for k in LEVELS] + [r["post"].get(k) for k in FIGURES]
         writer.writerow(row)
     return buf.getvalue()
 
@@ -488,6 +509,7 @@ def summarise(
             "p_at_1_s2t_nn",
             "p_at_1_s2t_csls",
             "p_at_1_t2s_nn",
+            "p_at_1_s2t_centered",
             "margin",
             "pair_mean",
             "baseline",
@@ -497,6 +519,7 @@ def summarise(
         row["all_margin_ci_above_0"] = all(r["post"]["margin_lo"] > 0 for r in rs)
         row["train_seconds"] = sum(r["train_seconds"] for r in rs) / len(rs)
         row["verdicts"] = sorted({r["verdict"] for r in rs})
+        row["collapse_flags"] = sum(bool(r["findings"]["collapse"]) for r in rs)
         row["ratio_vs_base"] = (
             row["p_at_1_s2t_nn"][0] / base["p_at_1_s2t_nn"] if base["p_at_1_s2t_nn"] else None
         )

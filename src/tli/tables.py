@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tli.stats import format_p
+from tli.verdict import retrieval_items
 
 if TYPE_CHECKING:
     from tli.evaluate import EvalResult
@@ -49,6 +50,37 @@ def _cell(text: str) -> str:
 def _share(k: int, n: int) -> str:
     """``k/n (x.x%)``."""
     return f"{k}/{n} ({100 * k / n:.1f}%)" if n else "n/a"
+
+
+def p_at_1_ci(share: float, n: int, level: float = 0.95) -> str:
+    """A P@1 with its Wilson interval, e.g. ``0.0526 [0.0227, 0.1173]``."""
+    from tli.stats import wilson_interval
+
+    if share is None or not math.isfinite(share) or not n:
+        return "n/a"
+    lo, hi = wilson_interval(int(round(share * n)), int(n), level)
+    return f"{share:.4f} [{lo:.4f}, {hi:.4f}]"
+
+
+def _p1_short(share: float, n: int, level: float = 0.95) -> str:
+    """A P@1 with its Wilson interval in three decimals, e.g. ``0.053 [0.023, 0.117]``."""
+    from tli.stats import wilson_interval
+
+    if share is None or not math.isfinite(share) or not n:
+        return "n/a"
+    lo, hi = wilson_interval(int(round(share * n)), int(n), level)
+    return f"{share:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+#: How each retrieval variant is named in tables.
+RETRIEVAL_NAMES = {
+    "s2t_nn": "s→t NN",
+    "s2t_csls": "s→t CSLS",
+    "s2t_centered": "s→t centred NN",
+    "t2s_nn": "t→s NN",
+    "t2s_csls": "t→s CSLS",
+    "t2s_centered": "t→s centred NN",
+}
 
 
 def _signed(value: float, spec: str) -> str:
@@ -94,15 +126,20 @@ def scan_table(result: ScanResult, *, with_warnings: bool = True) -> str:
             "",
             f"{set_name} ({result.n_pairs[set_name]} pairs; P@1 chance {chance:.4f})",
             f"{'layer':>5}  {'pair cos':>8}  {'baseline':>8}  "
-            f"{f'margin [{pct}% CI]':>27}  {'P@1 nn':>6}  {'P@1 csls':>8}",
+            f"{f'margin [{pct}% CI]':>27}  {f'P@1 nn [{pct}% Wilson]':>20}  "
+            f"{'P@1 csls':>20}  {'P@1 centred':>20}",
         ]
+        n = result.n_pairs[set_name]
+        centred = s.get("p_at_1_s2t_centered")  # absent in scans of older tli versions
         for i, layer in enumerate(result.layers):
             mark = "*" if layer == result.chosen_layer else " "
             mark = "+" if layer == result.next_best_layer else mark
+            p1 = [s["p_at_1_s2t_nn"][i], s["p_at_1_s2t_csls"][i]]
+            p1.append(centred[i] if centred else math.nan)
             lines.append(
                 f"{layer:>4}{mark}  {s['pair_mean'][i]:8.4f}  {s['baseline'][i]:8.4f}  "
                 f"{s['margin'][i]:+8.4f} [{s['margin_lo'][i]:+8.4f}, {s['margin_hi'][i]:+8.4f}]"
-                f"  {s['p_at_1_s2t_nn'][i]:6.4f}  {s['p_at_1_s2t_csls'][i]:8.4f}"
+                + "".join(f"  {_p1_short(p, n, result.config.level):>20}" for p in p1)
             )
     key, sel = result.select_metric, result.select_set
     lines += [
@@ -144,7 +181,7 @@ def table1(result: EvalResult, layer: int | None = None) -> str:
     head = (
         "| Set | N | Pre mean (std) | Post mean (std) | Abs. change | % change | t | p "
         f"| Baseline pre → post | Margin pre → post | Margin change [{pct}% CI] "
-        f"| P@1 {kind} pre → post | McNemar p |"
+        f"| P@1 {kind} pre → post [{pct}% Wilson] | McNemar p |"
     )
     lines = [head, "|" + "---|" * 13]
     for name, s in result.sets.items():
@@ -159,9 +196,75 @@ def table1(result: EvalResult, layer: int | None = None) -> str:
             f"| {pre['margin'][i]:+.4f} → {post['margin'][i]:+.4f} "
             f"| {bt['margin_change'][i]:+.4f} [{bt['margin_change_lo'][i]:+.4f}, "
             f"{bt['margin_change_hi'][i]:+.4f}] "
-            f"| {pre[f'p_at_1_{kind}'][i]:.4f} → {post[f'p_at_1_{kind}'][i]:.4f} "
+            f"| {p_at_1_ci(pre[f'p_at_1_{kind}'][i], s['n'], result.config.level)} → "
+            f"{p_at_1_ci(post[f'p_at_1_{kind}'][i], s['n'], result.config.level)} "
             f"| {format_p(test['p'][i])} |"
         )
+    return "\n".join(lines)
+
+
+def findings_table(result: EvalResult, layer: int | None = None) -> str:
+    """The verdict's findings and collapse flag per set at one layer (Markdown)."""
+    i = result.index(layer)
+    cfg = result.config
+    pct = int(round(cfg.level * 100))
+    kind = cfg.verdict_retrieval
+    lines = [
+        f"| Set | N | Geometry: margin change [{pct}% CI] | detects | "
+        f"Retrieval: P@1 {RETRIEVAL_NAMES.get(kind, kind)} (+gained/−lost, McNemar p) | detects "
+        "| Collapse flag | Headline |",
+        "|" + "---|" * 8,
+    ]
+    for name, s in result.sets.items():
+        v = result.verdict(name, layer)
+        bt, test, n = s["bootstrap"], s["p_at_1_tests"][kind], s["n"]
+        lo, hi = bt["margin_change_lo"][i], bt["margin_change_hi"][i]
+        half = (hi - lo) / 2 if math.isfinite(lo) and math.isfinite(hi) else math.nan
+        items = retrieval_items(n, alpha=cfg.alpha, min_effect=cfg.min_effect)
+        g_detect = _num(max(half, cfg.min_effect) if math.isfinite(half) else half, ".4f")
+        r_detect = f"≥ {items} gained, none lost" if items is not None else "nothing at this n"
+        pre, post = s["pre"][f"p_at_1_{kind}"][i], s["post"][f"p_at_1_{kind}"][i]
+        lines.append(
+            f"| {name} | {n} | **{v.geometry or '?'}**: {bt['margin_change'][i]:+.4f} "
+            f"[{lo:+.4f}, {hi:+.4f}] | > {g_detect} "
+            f"| **{v.retrieval or '?'}**: {pre:.4f} → {post:.4f} (+{test['gained'][i]}/"
+            f"−{test['lost'][i]}, p = {format_p(test['p'][i])}) | {r_detect} "
+            f"| {'**raised**' if v.collapse else 'not raised'} | {_md(v.label)} |"
+        )
+    return "\n".join(lines)
+
+
+def retrieval_table(result: EvalResult, layer: int | None = None) -> str:
+    """P@1 (Wilson interval) and MRR of every retrieval variant per set at one layer (Markdown).
+
+    Nearest neighbour, CSLS and nearest neighbour after mean-centring each side, both directions,
+    with McNemar's test of the per-query hits; the verdict's variant is marked.
+    """
+    from tli.metrics import RETRIEVALS
+
+    i = result.index(layer)
+    level = result.config.level
+    pct = int(round(level * 100))
+    lines = [
+        f"| Set | Retrieval | P@1 pre [{pct}% Wilson] | P@1 post [{pct}% Wilson] "
+        "| +gained/−lost | McNemar p | MRR pre → post |",
+        "|" + "---|" * 7,
+    ]
+    for name, s in result.sets.items():
+        for kind in RETRIEVALS:
+            key = f"p_at_1_{kind}"
+            if key not in s["pre"]:
+                continue  # an evaluation of an older tli (no centred retrieval)
+            direction, method = kind.split("_")
+            test = s["p_at_1_tests"][kind]
+            mark = " (verdict)" if kind == result.config.verdict_retrieval else ""
+            lines.append(
+                f"| {name} | {RETRIEVAL_NAMES.get(kind, kind)}{mark} "
+                f"| {p_at_1_ci(s['pre'][key][i], s['n'], level)} "
+                f"| {p_at_1_ci(s['post'][key][i], s['n'], level)} "
+                f"| +{test['gained'][i]}/−{test['lost'][i]} | {format_p(test['p'][i])} "
+                f"| {s['pre'][f'mrr_{kind}'][i]:.4f} → {s['post'][f'mrr_{kind}'][i]:.4f} |"
+            )
     return "\n".join(lines)
 
 
@@ -171,9 +274,16 @@ def layer_table(result: EvalResult, set_name: str) -> str:
     pre, post, ch, bt = s["pre"], s["post"], s["change"], s["bootstrap"]
     lines = [
         "| Layer | Pre | Post | Change | t | p | Baseline pre → post | Margin pre → post "
-        "| Margin change [CI] | P@1 s2t NN pre → post | P@1 s2t CSLS pre → post | Verdict |",
-        "|" + "---|" * 12,
+        "| Margin change [CI] | P@1 s2t NN pre → post [Wilson] | P@1 s2t CSLS pre → post "
+        "| P@1 s2t centred pre → post | Verdict |",
+        "|" + "---|" * 13,
     ]
+    n, level = s["n"], result.config.level
+
+    def p1(state: Mapping[str, Any], kind: str, i: int) -> str:
+        key = f"p_at_1_s2t_{kind}"
+        return _p1_short(state[key][i], n, level) if key in state else "n/a"
+
     for i, layer in enumerate(result.layers):
         lines.append(
             f"| {layer_name(result, layer)} | {pre['pair_mean'][i]:.4f} "
@@ -183,9 +293,8 @@ def layer_table(result: EvalResult, set_name: str) -> str:
             f"| {pre['margin'][i]:+.4f} → {post['margin'][i]:+.4f} "
             f"| {bt['margin_change'][i]:+.4f} [{bt['margin_change_lo'][i]:+.4f}, "
             f"{bt['margin_change_hi'][i]:+.4f}] "
-            f"| {pre['p_at_1_s2t_nn'][i]:.4f} → {post['p_at_1_s2t_nn'][i]:.4f} "
-            f"| {pre['p_at_1_s2t_csls'][i]:.4f} → {post['p_at_1_s2t_csls'][i]:.4f} "
-            f"| {s['verdicts'][i]['code']} |"
+            + "".join(f"| {p1(pre, k, i)} → {p1(post, k, i)} " for k in ("nn", "csls", "centered"))
+            + f"| {s['verdicts'][i]['code']} |"
         )
     return "\n".join(lines)
 
@@ -219,7 +328,7 @@ def table2(result: EvalResult, set_name: str) -> str:
 
 
 def eval_markdown(result: EvalResult) -> str:
-    """``evaluation.md``: verdicts, Table 1 (final and every layer), Table 2."""
+    """``evaluation.md``: verdicts, findings, Table 1 (final, every layer), retrieval, Table 2."""
     cfg, n = result.config, result.num_layers
     kind = cfg.verdict_retrieval
     trained_at = (
@@ -237,12 +346,17 @@ def eval_markdown(result: EvalResult) -> str:
         f"Base model ({result.model['model_type']}, {n} layers; layer 0 = input embeddings, "
         f"{n} = final) vs. the same model with the adapter merged ({trained_at}). "
         f"Pooling {cfg.pooling}; {cfg.n_boot} bootstrap resamples (seed {cfg.seed}), "
-        f"{int(round(cfg.level * 100))}% intervals; significance level {cfg.alpha}; "
-        f"P@1 chance level: {chance}. How to read this: docs/evaluation.md.",
+        f"{int(round(cfg.level * 100))}% intervals; significance level {cfg.alpha}; smallest "
+        f"change named {cfg.min_effect}; P@1 chance level: {chance}. How to read this: "
+        "docs/evaluation.md.",
         "",
         f"## Verdicts at the final layer ({n})",
         "",
         *[f"- {line}" for line in result.verdict_lines()],
+        "",
+        findings_table(result),
+        "",
+        FINDINGS_NOTE,
     ]
     if result.target_layer is not None and result.target_layer != n:
         lines += [
@@ -250,6 +364,8 @@ def eval_markdown(result: EvalResult) -> str:
             f"At the training layer ({result.target_layer}):",
             "",
             *[f"- {line}" for line in result.verdict_lines(result.target_layer)],
+            "",
+            findings_table(result, result.target_layer),
         ]
     if result.warnings:
         lines += ["", "Warnings:", "", *[f"- {w}" for w in result.warnings]]
@@ -262,7 +378,14 @@ def eval_markdown(result: EvalResult) -> str:
         "Mean (std) of the per-pair cosine; change = post - pre; t and p: paired t-test "
         "(p in log space when it underflows); baseline: mean cosine of the mismatched "
         "pairs of the same lists; margin: pairs - baseline, with the paired bootstrap CI of "
-        f"its change; P@1 {kind}: retrieval, McNemar exact test of the per-query hits.",
+        f"its change; P@1 {kind}: retrieval with its Wilson interval, McNemar exact test of "
+        "the per-query hits.",
+        "",
+        f"## Retrieval at the final layer ({n})",
+        "",
+        retrieval_table(result),
+        "",
+        RETRIEVAL_NOTE,
     ]
     for name in result.sets:
         lines += ["", f"## Table 1 at every layer: {name}", "", layer_table(result, name)]
@@ -274,6 +397,25 @@ def eval_markdown(result: EvalResult) -> str:
             table2(result, name),
         ]
     return "\n".join(lines) + "\n"
+
+
+#: Under the findings table: what the columns mean.
+FINDINGS_NOTE = (
+    "Geometry: the margin change with its paired bootstrap CI (rose / fell when the CI excludes 0 "
+    "and the change is at least the smallest change named); *detects*: the CI's half-width, the "
+    "change this n could tell from 0. Retrieval: McNemar's exact test on the per-query top-1 "
+    "hits; *detects*: the fewest hits gained, none lost, that reach p < alpha. Collapse flag: "
+    "the pair cosine rose significantly, the baseline rose by at least the collapse ratio of "
+    "that rise, and the margin CI is not above 0. The headline is a fixed function of the two "
+    "findings and the flag (docs/evaluation.md)."
+)
+
+#: Under the retrieval table: what the variants are.
+RETRIEVAL_NOTE = (
+    "NN: nearest neighbour by cosine; CSLS: cross-domain similarity local scaling (k from the "
+    "config); centred NN: nearest neighbour after subtracting each side's mean vector over its "
+    "own list (MUSE). A hit on any listed alternative counts; ties count against the query."
+)
 
 
 # --- probe ------------------------------------------------------------------------------------
@@ -416,13 +558,18 @@ def sweep_markdown(
         " Each row: mean over seeds [95% t-interval over seeds]; `worst margin lo` is the lowest"
         " per-seed bootstrap lower bound of the margin (> 0: every seed's margin CI excludes 0).",
         "",
-        f"Base model: P@1 s2t NN {base['p_at_1_s2t_nn']:.3f}, CSLS {base['p_at_1_s2t_csls']:.3f},"
+        f"Base model: P@1 s2t NN {p_at_1_ci(base['p_at_1_s2t_nn'], base['control'])}, CSLS "
+        f"{base['p_at_1_s2t_csls']:.3f}, centred NN "
+        f"{p_at_1_ci(base['p_at_1_s2t_centered'], base['control'])} (95% Wilson),"
         f" margin {base['margin']:+.4f} [{base['margin_lo']:+.4f}, {base['margin_hi']:+.4f}],"
-        f" pair cosine {base['pair_mean']:.3f}, baseline {base['baseline']:.3f}.",
+        f" pair cosine {base['pair_mean']:.3f}, baseline {base['baseline']:.3f}. `verdicts`:"
+        " the headline codes over seeds (docs/evaluation.md); `collapse`: seeds whose collapse"
+        " flag is raised.",
         "",
         "| rank | " + " | ".join(axes) + " | seeds | P@1 s2t NN | x base | P@1 s2t CSLS "
-        "| P@1 t2s NN | margin | worst margin lo | pair cos | baseline | train s | verdicts |",
-        "|" + "---|" * (len(axes) + 12),
+        "| P@1 s2t centred | P@1 t2s NN | margin | worst margin lo | pair cos | baseline "
+        "| train s | verdicts | collapse |",
+        "|" + "---|" * (len(axes) + 14),
     ]
     for i, r in enumerate(summary, 1):
         ratio = f"{r['ratio_vs_base']:.1f}" if r["ratio_vs_base"] is not None else "-"
@@ -430,9 +577,10 @@ def sweep_markdown(
             f"| {i} | "
             + " | ".join(label(r["axes"][a]) for a in axes)
             + f" | {r['seeds']} | {_ci(r['p_at_1_s2t_nn'])} | {ratio} | "
-            f"{_ci(r['p_at_1_s2t_csls'])} | {_ci(r['p_at_1_t2s_nn'])} | "
+            f"{_ci(r['p_at_1_s2t_csls'])} | {_ci(r['p_at_1_s2t_centered'])} | "
+            f"{_ci(r['p_at_1_t2s_nn'])} | "
             f"{_ci(r['margin'], '+.4f')} | {r['worst_margin_lo']:+.4f} | "
             f"{r['pair_mean'][0]:.3f} | {r['baseline'][0]:.3f} | {r['train_seconds']:.0f} | "
-            f"{', '.join(r['verdicts'])} |"
+            f"{', '.join(r['verdicts'])} | {r['collapse_flags']}/{r['seeds']} |"
         )
     return "\n".join(lines) + "\n"

@@ -149,7 +149,8 @@ class TrainConfig:
         default="auto",
         metadata={
             "help": "frozen-prefix activation cache when no adapter sits below block K > 0: "
-            "auto (when the architecture allows), on (required) or off. tli"
+            "auto (when the architecture allows and everything runs in float32; it is exact "
+            "only there), on (required) or off. tli"
         },
     )
 
@@ -204,6 +205,11 @@ class TrainConfig:
                 raise TLIError("adapt_layers and adapt_all_layers: set one of them, not both")
         if self.prefix_cache not in ("auto", "on", "off"):
             raise TLIError(f"prefix_cache must be auto, on or off, got {self.prefix_cache!r}")
+        if self.prefix_cache == "on" and self.mixed_precision != "no":
+            raise TLIError(
+                f"prefix_cache = on with mixed_precision = {self.mixed_precision}: the cache is "
+                "exact only in float32 (docs/training.md); set prefix_cache = off or auto"
+            )
 
 
 def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
@@ -666,8 +672,9 @@ def train(
         on_step: called with the global step after each optimiser step (tests use it to
             simulate an interruption).
         progress: show a progress bar.
-        prefix_cache_store: a dict shared by several runs on the same base model (e.g. the
-            cells of a sweep), so the frozen-prefix cache of a (K, word list) is built once.
+        prefix_cache_store: a dict shared by several runs (e.g. the cells of a sweep): a
+            frozen-prefix cache is built once per :func:`tli.cache.store_key` (model and
+            weights, tokenizer, K, words) and reused by every run with the same key.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -681,6 +688,11 @@ def train(
                 "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
                 "block 0 is adapted"
             )
+        from tli.cache import inexact_reason
+
+        why = inexact_reason(loaded.model, the_plan.first_adapted, cfg.mixed_precision)
+        if why is not None:
+            raise TLIError(f"prefix_cache = on: {why}; set prefix_cache = off or auto")
     loaded = _with_depth(loaded, the_plan, model_config)
     if len(pairs) < 2:
         raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
@@ -725,7 +737,10 @@ def train(
 
     tok = loaded.tokenizer
     cache_start = time.perf_counter()
-    cache = _prefix_cache(model, tok, pairs, cfg, the_plan, loaded.num_layers, prefix_cache_store)
+    with accelerator.autocast():  # the context of the training steps (a no-op in float32)
+        cache, cache_off = _prefix_cache(
+            model, tok, pairs, cfg, the_plan, loaded, prefix_cache_store
+        )
     cache_seconds = time.perf_counter() - cache_start
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
@@ -831,7 +846,7 @@ def train(
                 "seconds": round(seconds, 3),
                 "steps_per_second": round(state.step / seconds, 3) if seconds > 0 else None,
                 # building the frozen-prefix cache (before the steps; not in "seconds")
-                "prefix_cache": None
+                "prefix_cache": ({"off": cache_off} if cache_off else None)
                 if cache is None
                 else {
                     "first_block": cache.k,
@@ -854,24 +869,33 @@ def _prefix_cache(
     pairs: Sequence[Pair],
     cfg: TrainConfig,
     the_plan: TrainPlan,
-    num_layers: int,
+    loaded: Any,
     store: dict | None = None,
-) -> Any:
-    """The frozen-prefix cache for this run, or None (see :mod:`tli.cache`)."""
+) -> tuple[Any, str | None]:
+    """The frozen-prefix cache for this run (see :mod:`tli.cache`), or None and why not.
+
+    ``auto`` leaves the cache off, with a log line and a note in ``train.json``, where it
+    would not be exact (reduced precision); ``on`` was refused for that before training.
+    A cache in ``store`` is reused only under the same :func:`tli.cache.store_key`.
+    """
     k = the_plan.first_adapted
     if cfg.prefix_cache == "off":
-        return None
+        return None, None
     supported = surgery.layout(model).prefix_cache
     if k < 1 or not supported:
-        return None
-    from tli.cache import PrefixCache
+        return None, None
+    from tli.cache import PrefixCache, inexact_reason, store_key
 
+    why = inexact_reason(model, k, cfg.mixed_precision)
+    if why is not None:
+        log.info("prefix cache off: %s", why)
+        return None, why
     start = time.perf_counter()
     texts = [s for p in pairs for s in (p.source, p.target)]
-    key = (k, str(next(model.parameters()).dtype), tuple(sorted(set(texts))))
+    key = store_key(model, tok, texts, k, name=loaded.name) if store is not None else None
     if store is not None and key in store:
-        return store[key]
-    cache = PrefixCache.build(model, tok, texts, k, num_layers=num_layers)
+        return store[key], None
+    cache = PrefixCache.build(model, tok, texts, k, num_layers=loaded.num_layers)
     if store is not None:
         store[key] = cache
     log.info(
@@ -881,7 +905,7 @@ def _prefix_cache(
         cache.nbytes / 1e6,
         time.perf_counter() - start,
     )
-    return cache
+    return cache, None
 
 
 @contextmanager
