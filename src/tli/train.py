@@ -497,6 +497,9 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
+        # the base's 4-bit settings (None: unquantized), so an evaluation can say when it
+        # applies the adapter to a base quantized differently
+        "quantization": getattr(loaded, "quantization", None),
     }
 
 
@@ -551,15 +554,39 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
     return loaded
 
 
+def prepare_for_kbit_training(model: torch.nn.Module) -> None:
+    """Prepare a 4-bit model for QLoRA training, as peft's ``prepare_model_for_kbit_training``.
+
+    The same steps as peft's function without gradient checkpointing (tli never turns it on):
+    every base parameter is frozen and every bf16/fp16 parameter that is not 4-bit is cast to
+    float32, so norms and the residual stream run in float32. One difference: the embedding
+    table and the LM head keep their dtype; the embedding's rows are cast to float32 as they are
+    looked up (:func:`tli.surgery.float32_embedding_rows`), which gives exactly the rows of a
+    float32 table, and tli's training never calls the LM head. For Llama-3-8B that keeps
+    1.05 GB (embeddings) and, at full depth, another 1.05 GB (LM head) out of memory.
+    tests/test_quantized.py checks that hidden states and LoRA gradients equal peft's, bit for
+    bit.
+    """
+    tables = {id(surgery.input_embeddings(model).weight)}
+    out = model.get_output_embeddings()
+    if isinstance(getattr(out, "weight", None), torch.Tensor):
+        tables.add(id(out.weight))
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if id(param) in tables or param.__class__.__name__ == "Params4bit":
+            continue
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+    surgery.float32_embedding_rows(model)
+
+
 def _with_adapters(loaded: Any, cfg: TrainConfig) -> Any:
     """The model with fresh LoRA adapters (peft), prepared for k-bit training when 4-bit."""
     from peft import get_peft_model
 
     model = loaded.model
     if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_for_kbit_training(model)
     with quiet_peft():
         try:
             model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
