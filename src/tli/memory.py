@@ -44,7 +44,8 @@ class Part:
 
     name: str  # "embeddings", "block 0", ..., "final norm", "LM head", "other"
     params: int
-    quantized: int  # parameters in linear layers stored in NF4 (0 unless 4-bit)
+    linear: int  # weights of linear layers (the ones a 4-bit load stores in NF4)
+    quantized: int  # parameters stored in NF4 (0 unless 4-bit)
     bytes: float
 
 
@@ -55,6 +56,8 @@ class Footprint:
     name: str
     model_type: str
     num_layers: int  # N, blocks of the full model
+    hidden_size: int  # D
+    vocab_size: int  # V
     depth: int  # blocks built
     lm_head: bool
     tied: bool  # the LM head shares the embedding matrix (no memory of its own)
@@ -153,21 +156,23 @@ def footprint(
     seen: set[int] = set()
 
     def count(name: str, module: torch.nn.Module, quantizable: bool) -> Part:
-        params = quantized = 0
+        params = linear = quantized = 0
         nbytes = 0.0
         for sub in module.modules():
-            in_linear = quantizable and load_in_4bit and surgery.linear_dims(sub) is not None
+            is_linear = quantizable and surgery.linear_dims(sub) is not None
             for pname, p in sub.named_parameters(recurse=False):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
                 params += p.numel()
-                if in_linear and pname == "weight":
-                    quantized += p.numel()
-                    nbytes += p.numel() * nf4
-                else:
-                    nbytes += p.numel() * width
-        return Part(name, params, quantized, nbytes)
+                if is_linear and pname == "weight":
+                    linear += p.numel()
+                    if load_in_4bit:
+                        quantized += p.numel()
+                        nbytes += p.numel() * nf4
+                        continue
+                nbytes += p.numel() * width
+        return Part(name, params, linear, quantized, nbytes)
 
     emb = surgery.input_embeddings(model)
     parts = [count("embeddings", emb, False)]
@@ -186,6 +191,8 @@ def footprint(
         name=name,
         model_type=str(config.model_type),
         num_layers=n,
+        hidden_size=int(emb.weight.shape[1]),
+        vocab_size=int(emb.weight.shape[0]),
         depth=len(stack),
         lm_head=head,
         tied=tied,
@@ -237,8 +244,8 @@ def available_bytes(device: str) -> int | None:
 
 
 def gb(nbytes: float) -> str:
-    """Bytes in GB (10^9), e.g. ``1.30 GB``."""
-    return f"{nbytes / 1e9:.2f} GB"
+    """Bytes in GB (10^9): ``1.30 GB``, ``0.123 GB`` below 1 GB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e9:.3f} GB"
 
 
 def check_fits(fp: Footprint, device: str) -> None:
@@ -252,7 +259,130 @@ def check_fits(fp: Footprint, device: str) -> None:
         return
     where = "GPU memory" if device.startswith("cuda") else "RAM"
     raise TLIError(
-        f"model {fp.name!r}: its weights need {gb(fp.bytes)} ({fp.builds()}; "
+        f"model {fp.name!r} needs {gb(fp.bytes)} for its weights ({fp.builds()}; "
         f"{fp.weights_in_words()}) but only {gb(free)} of {where} is free; use load_in_4bit, "
-        "a smaller dtype, or a machine with more memory (tli ... --plan shows the estimate)"
+        "a smaller dtype, or a machine with more memory (--plan shows the estimate)"
     )
+
+
+def _count(n: float) -> str:
+    """A parameter count in words: 525.3 M, 8.03 B, 4.1 k."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} B"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f} M"
+    if n >= 1e3:
+        return f"{n / 1e3:.1f} k"
+    return str(int(n))
+
+
+def lora_parameters(
+    config: Any, adapt: tuple[int, ...] | None, r: int, modules: tuple[str, ...]
+) -> int:
+    """LoRA parameters of rank ``r`` on ``modules`` of the blocks ``adapt`` (None: every block)."""
+    depth = surgery.num_layers(config) if adapt is None else max(adapt) + 1
+    stack = surgery.blocks(_meta_model(config, depth, False))
+    total = 0
+    for i, block in enumerate(stack):
+        if adapt is not None and i not in adapt:
+            continue
+        for name, module in block.named_modules():
+            dims = surgery.linear_dims(module)
+            if dims is not None and name.rsplit(".", 1)[-1] in modules:
+                total += r * (dims[0] + dims[1])
+    return total
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of a plan: a stage, the load it makes (None: it shares another's), LoRA."""
+
+    label: str
+    footprint: Footprint | None
+    note: str = ""
+    lora_params: int = 0
+
+
+def render_plan(stages: list[Stage], device: str) -> tuple[str, str | None]:
+    """The plan as text, and why it does not fit in the memory free on ``device`` (or None).
+
+    The reason is one line naming the first stage whose weights exceed the free memory. The
+    per-part table comes from the largest load; each stage gives what it builds, its
+    parameters and the memory of its weights (LoRA with gradients and AdamW state: 16 bytes
+    per LoRA parameter).
+    """
+    loads = [s.footprint for s in stages if s.footprint is not None]
+    if not loads:
+        raise TLIError("nothing to plan")
+    big = max(loads, key=lambda f: f.depth + f.lm_head)
+    head = "tied to the embeddings" if big.tied else "untied"
+    lines = [
+        f"plan for {big.name} ({big.model_type}): {big.num_layers} blocks, hidden size "
+        f"{big.hidden_size:,}, vocabulary {big.vocab_size:,}, LM head {head}",
+        f"weights: {big.weights_in_words()}",
+        "",
+        f"  {'part':<14}{'parameters':>12}{'memory':>11}",
+        f"  {'embeddings':<14}{_count(big.part('embeddings').params):>12}"
+        f"{gb(big.part('embeddings').bytes):>11}",
+    ]
+    blocks = big.blocks
+    if blocks:
+        one = blocks[0]
+        same = all(b.params == one.params for b in blocks)
+        label = "each block" if same else "block 0"
+        lines.append(
+            f"  {label:<14}{_count(one.params):>12}{gb(one.bytes):>11}  "
+            f"({_count(one.linear)} in linear layers)"
+        )
+        if len(blocks) > 1:
+            lines.append(
+                f"  {f'{len(blocks)} blocks':<14}{_count(sum(b.params for b in blocks)):>12}"
+                f"{gb(sum(b.bytes for b in blocks)):>11}  "
+                f"({_count(sum(b.linear for b in blocks))} in linear layers)"
+            )
+    for name in ("final norm", "LM head", "other"):
+        part = big.part(name)
+        if part is not None:
+            shown = "(the embeddings)" if name == "LM head" and big.tied else gb(part.bytes)
+            params = "0 own" if name == "LM head" and big.tied else _count(part.params)
+            lines.append(f"  {name:<14}{params:>12}{shown:>11}")
+    free = available_bytes(device)
+    problem: str | None = None
+    where = "GPU memory" if device.startswith("cuda") else "RAM"
+    rows = []
+    for stage in stages:
+        if stage.footprint is None:
+            rows.append((stage.label, stage.note, "", "", ""))
+            continue
+        fp = stage.footprint
+        total = fp.bytes + 16 * stage.lora_params
+        ok = free is None or total <= free
+        if not ok and problem is None:
+            problem = (
+                f"the plan does not fit: {stage.label} needs {gb(total)} for its weights but "
+                f"only {gb(free)} of {where} is free; use load_in_4bit, a smaller dtype, or a "
+                "machine with more memory"
+            )
+        builds = fp.builds() + (f"; LoRA {_count(stage.lora_params)}" if stage.lora_params else "")
+        note = "; ".join(x for x in ("" if ok else "DOES NOT FIT", stage.note) if x)
+        rows.append((stage.label, builds, _count(fp.params), gb(total), note))
+    w0 = max(len(r[0]) for r in rows + [("stage",)])
+    w1 = max(len(r[1]) for r in rows if r[2]) if any(r[2] for r in rows) else 6
+    lines += ["", f"  {'stage':<{w0}}  {'builds':<{w1}}  {'parameters':>10}  {'memory':>9}"]
+    for label, builds, params, mem, note in rows:
+        if not params:
+            lines.append(f"  {label:<{w0}}  {builds}")
+            continue
+        tail = f"  ({note})" if note else ""
+        lines.append(f"  {label:<{w0}}  {builds:<{w1}}  {params:>10}  {mem:>9}{tail}")
+    lines.append("")
+    if free is None:
+        lines.append(f"free {where} on {device!r}: unknown here, not checked")
+    else:
+        lines.append(f"free {where} on {device!r}: {gb(free)}")
+    lines.append(
+        "memory = weights (and LoRA with its gradients and AdamW state); the runtime (about "
+        "0.4 GB) and activations come on top"
+    )
+    return "\n".join(lines), problem
+

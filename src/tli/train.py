@@ -544,6 +544,7 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
             build_config(models.ModelConfig, model_config),
             max_layer=the_plan.load_depth,
             tokenizer=loaded.tokenizer,
+            lm_head=False,  # training never uses it
         )
     if loaded.depth < needed:
         what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
@@ -578,6 +579,27 @@ def prepare_for_kbit_training(model: torch.nn.Module) -> None:
         if param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.to(torch.float32)
     surgery.float32_embedding_rows(model)
+
+
+def cpu_lacks_bf16() -> bool:
+    """Whether this is an x86 CPU without AVX-512 BF16 or AMX (Linux; False when unknown)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return bool(flags) and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def half_precision_matmuls(model: torch.nn.Module) -> bool:
+    """Whether the blocks' matmuls run in bf16/fp16 (4-bit: the compute dtype; else the weights)."""
+    half = (torch.bfloat16, torch.float16)
+    stack = surgery.blocks(model)
+    for module in stack.modules():
+        compute = getattr(module, "compute_dtype", None)  # bitsandbytes Linear4bit
+        if isinstance(compute, torch.dtype):
+            return compute in half
+    return any(p.dtype in half for p in stack.parameters())
 
 
 def _with_adapters(loaded: Any, cfg: TrainConfig) -> Any:
@@ -718,6 +740,14 @@ def train(
     main = accelerator.is_main_process
     world = accelerator.num_processes
     meta = _adapter_meta(loaded, cfg)
+    if accelerator.device.type == "cpu" and half_precision_matmuls(loaded.model):
+        if cpu_lacks_bf16():
+            log.warning(
+                "training runs its matmuls in bfloat16/float16 on a CPU without AVX-512 BF16 or "
+                "AMX, where torch's backward matmuls in 16 bits are about 50x slower than in "
+                "float32 (docs/benchmarks.md); on this CPU use compute_dtype float32 (4-bit) "
+                "or dtype float32"
+            )
 
     config_record = {"model": model_config or {"name": loaded.name}, "train": to_dict(cfg)}
     if resume:
