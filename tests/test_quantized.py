@@ -418,3 +418,34 @@ def test_probe_on_4bit_generates_with_the_adapter_attached(capsys, tmp_path, mod
     assert code == 0, err
     assert "tli: warning:" not in err.replace("generated exactly the base", ""), err
     assert (out / "probe.json").is_file()
+
+
+def test_scan_in_4bit(capsys, tmp_path, model_dirs):
+    out = tmp_path / "scan"
+    code = cli.main(["scan", "--model", str(model_dirs["gemma3_text"]), "--load-in-4bit",
+                     "--dtype", "bfloat16", "--pairs", str(_pairs(tmp_path)), "--out", str(out),
+                     "--n-boot", "20"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert json.loads((out / "scan.json").read_text())["num_layers"] == 4
+
+
+def test_the_whole_run_in_4bit(capsys, tmp_path, model_dirs):
+    """``tli run`` the paper's way (4-bit NF4, bf16): scan, train, evaluate unmerged, report."""
+    from tli.pairs import load_lexicon
+
+    pairs = tmp_path / "pairs.tsv"
+    write_pairs([Pair(p.source, p.target) for p in load_lexicon()[:60]], pairs)
+    out = tmp_path / "run"
+    code = cli.main(["run", "--model", str(model_dirs["llama"]), "--pairs", str(pairs),
+                     "--out", str(out), "--set", "model.load_in_4bit=true",
+                     "--set", "model.dtype=bfloat16", "--set", "train.epochs=1",
+                     "--set", "train.batch_size=4", "--set", "figures.tsne_pairs=12",
+                     "--set", "scan.n_boot=50", "--set", "evaluate.n_boot=50"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    evaluation = json.loads((out / "eval" / "evaluation.json").read_text())
+    assert evaluation["adapter"]["applied"].startswith("unmerged")
+    assert evaluation["adapter"]["tli"]["quantization"]["quant_type"] == "nf4"
+    assert not any("quantized" in w for w in evaluation["warnings"])
+    assert (out / "report.html").is_file()

@@ -90,7 +90,7 @@ class ModelConfig:
     )
     dtype: Dtype = field(
         default="float32",
-        metadata={"help": "weights dtype: float32, bfloat16 or float16 (4-bit uses bf16 compute)"},
+        metadata={"help": "weights dtype: float32, bfloat16 or float16 (4-bit: all but NF4 ones)"},
     )
     device: str = field(
         default="cpu", metadata={"help": "cpu, cuda, cuda:N, or auto (accelerate's device_map)"}
