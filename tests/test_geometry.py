@@ -47,6 +47,7 @@ def test_shrunk_configs_keep_the_shapes_that_matter(name):
     assert surgery.num_layers(small) == 3 and small.vocab_size == 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(geometry.CONFIGS))
 def test_truncated_checkpoint_loads_trains_and_evaluates(name, tmp_path):
     pytest.importorskip("bitsandbytes")
@@ -78,9 +79,11 @@ def test_truncated_checkpoint_loads_trains_and_evaluates(name, tmp_path):
     result = train(loaded, PAIRS, tcfg, tmp_path / "train", progress=False)
     assert result.steps == 2 and result.final_loss == result.final_loss  # finite
     # The adapter fits the full causal LM: peft loads it, and tli evaluates it (a bf16 base:
-    # said in one warning, as any base quantized unlike the adapter's).
-    full_dir = geometry.write_checkpoint(tmp_path / "full", config)
-    full = load_model(ModelConfig(str(full_dir), dtype="bfloat16"))
+    # said in one warning, as any base quantized unlike the adapter's). The full checkpoint
+    # goes to the same directory (the model the adapter names); same seed, same first blocks.
+    geometry.write_checkpoint(cut, config)
+    assert len(list(cut.glob("*.safetensors"))) == 5 + (not config.tie_word_embeddings)
+    full = load_model(ModelConfig(str(cut), dtype="bfloat16"))
     assert full.has_lm_head and full.depth == 3
     tuned = PeftModel.from_pretrained(full.model, str(result.adapter_dir))
     assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 4

@@ -213,8 +213,9 @@ def test_missing_bitsandbytes_is_one_line_naming_the_extra(
     assert "needs bitsandbytes: pip install 'tli[quant]'" in err
 
 
-def test_bitsandbytes_import_notices_go_to_the_debug_log(monkeypatch, caplog):
-    """bitsandbytes may log a notice at import (a missing optional CPU kernel): kept off stderr."""
+def test_bitsandbytes_notices_go_to_the_debug_log(monkeypatch, caplog, capsys):
+    """bitsandbytes may log a notice as it is imported (a missing optional CPU kernel), by tli
+    or by peft: it goes to tli's debug log, never to stderr."""
     import sys
 
     import tli.models
@@ -225,14 +226,16 @@ def test_bitsandbytes_import_notices_go_to_the_debug_log(monkeypatch, caplog):
     def fake_import(name, *args):
         if name == "bitsandbytes":
             logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load kernels")
-            return real(name, *args)
         return real(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", fake_import)
     with caplog.at_level(logging.DEBUG, logger="tli"):
         tli.models.import_bitsandbytes()
-    notices = [r for r in caplog.records if "Failed to load kernels" in r.getMessage()]
-    assert [r.name for r in notices] == ["tli"] and notices[0].levelno == logging.DEBUG
+        logging.getLogger("bitsandbytes.cextension").warning("another notice")  # e.g. via peft
+    notices = [r for r in caplog.records if "bitsandbytes: " in r.getMessage()]
+    assert [r.levelno for r in notices] == [logging.DEBUG, logging.DEBUG]
+    err = capsys.readouterr().err
+    assert "Failed to load kernels" not in err and "another notice" not in err
 
 
 # --- training --------------------------------------------------------------------------------
@@ -430,6 +433,7 @@ def test_scan_in_4bit(capsys, tmp_path, model_dirs):
     assert json.loads((out / "scan.json").read_text())["num_layers"] == 4
 
 
+@pytest.mark.slow
 def test_the_whole_run_in_4bit(capsys, tmp_path, model_dirs):
     """``tli run`` the paper's way (4-bit NF4, bf16): scan, train, evaluate unmerged, report."""
     from tli.pairs import load_lexicon
@@ -449,3 +453,35 @@ def test_the_whole_run_in_4bit(capsys, tmp_path, model_dirs):
     assert evaluation["adapter"]["tli"]["quantization"]["quant_type"] == "nf4"
     assert not any("quantized" in w for w in evaluation["warnings"])
     assert (out / "report.html").is_file()
+
+
+def test_a_4bit_load_lets_go_of_the_checkpoint_maps(model_dirs):
+    """No shard stays mapped for a norm's sake, holding the pages of weights quantized away."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux)")
+    path = model_dirs["llama"]
+    loaded = load_model(nf4(path), max_layer=2)
+    mapped = [line for line in maps.read_text().splitlines() if str(path) in line]
+    assert mapped == [], mapped
+    assert loaded.depth == 2
+
+
+def test_16_bit_training_on_a_cpu_without_bf16_is_said(model_dirs, tmp_path, monkeypatch, caplog):
+    import tli.train
+
+    q = load_model(nf4(model_dirs["llama"]), max_layer=2)
+    assert tli.train.half_precision_matmuls(q.model)
+    fast = load_model(nf4(model_dirs["llama"], compute_dtype="float32"), max_layer=2)
+    assert not tli.train.half_precision_matmuls(fast.model)
+    fp32 = load_model(ModelConfig(str(model_dirs["llama"])))
+    assert not tli.train.half_precision_matmuls(fp32.model)
+    monkeypatch.setattr(tli.train, "cpu_lacks_bf16", lambda: True)
+    cfg = TrainConfig(layer=2, epochs=1, batch_size=4, save_every=0)
+    with caplog.at_level(logging.WARNING, logger="tli"):
+        train(q, PAIRS, cfg, tmp_path / "slow", progress=False)
+        train(fast, PAIRS, cfg, tmp_path / "fast", progress=False)
+    said = [r for r in caplog.records if "without AVX-512 BF16" in r.getMessage()]
+    assert len(said) == 1

@@ -263,42 +263,46 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
 QUANT_EXTRA = "tli[quant]"
 
 
-def import_bitsandbytes() -> Any:
-    """Import bitsandbytes, keeping its import-time notices off stderr; a TLIError if absent.
+class _BitsAndBytesToDebug(logging.Handler):
+    """Passes bitsandbytes' log records to tli's debug log (seen with ``tli -v``)."""
 
-    On CPUs with AVX-512 BF16, bitsandbytes 0.50 logs a warning at import when the optional
-    ``kernels`` package (a faster CPU kernel) is missing; it works without it. The notice goes to
-    tli's debug log instead, so a command's stderr holds at most one ``tli:`` line.
+    def emit(self, record: logging.LogRecord) -> None:
+        log.debug("bitsandbytes: %s", first_line(record.getMessage()))
+
+
+def _route_bitsandbytes_logs() -> None:
+    """Send bitsandbytes' logger to tli's debug log instead of stderr (idempotent).
+
+    On CPUs with AVX-512 BF16, bitsandbytes 0.50 logs a warning as it is imported when the
+    optional ``kernels`` package (a faster CPU kernel) is missing; it works without it. peft
+    imports bitsandbytes whenever it is installed, so the notice would reach the stderr of any
+    command; routed here, a command's stderr keeps to ``tli:`` lines.
     """
+    bnb_log = logging.getLogger("bitsandbytes")
+    if not any(isinstance(h, _BitsAndBytesToDebug) for h in bnb_log.handlers):
+        bnb_log.addHandler(_BitsAndBytesToDebug())
+    bnb_log.propagate = False
+
+
+_route_bitsandbytes_logs()
+
+
+def import_bitsandbytes() -> Any:
+    """Import bitsandbytes (its log to tli's debug log); a TLIError naming the extra if absent."""
     import sys
 
+    _route_bitsandbytes_logs()
     if "bitsandbytes" in sys.modules:
         return sys.modules["bitsandbytes"]
     if importlib.util.find_spec("bitsandbytes") is None:
         raise TLIError(f"load_in_4bit needs bitsandbytes: pip install '{QUANT_EXTRA}'")
-    bnb_log = logging.getLogger("bitsandbytes")
-    caught: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            caught.append(record)
-
-    handler, propagate = _Keep(), bnb_log.propagate
-    bnb_log.addHandler(handler)
-    bnb_log.propagate = False
     try:
-        module = importlib.import_module("bitsandbytes")
+        return importlib.import_module("bitsandbytes")
     except Exception as err:  # a broken install raises anything from OSError to RuntimeError
         raise TLIError(
             f"bitsandbytes cannot be imported ({type(err).__name__}: {first_line(err)}); "
             f"reinstall it: pip install '{QUANT_EXTRA}'"
         ) from None
-    finally:
-        bnb_log.removeHandler(handler)
-        bnb_log.propagate = propagate
-    for record in caught:
-        log.debug("bitsandbytes: %s", first_line(record.getMessage()))
-    return module
 
 
 def quantization_record(cfg: ModelConfig) -> dict[str, Any] | None:
