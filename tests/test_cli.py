@@ -85,7 +85,6 @@ def test_embed_reads_a_file(run_cli, tiny_model_dir, tmp_path):
         (["--model", "./missing/dir", "x"], ["./missing/dir"]),
         (["--model", "{model}", "--layers", "9", "x"], ["layer 9 is outside 0..4"]),
         (["--model", "{model}", "x", "   "], ["empty or whitespace-only"]),
-        (["--model", "{model}", "--load-in-4bit", "x"], ["load_in_4bit needs a CUDA GPU"]),
         (["--model", "{model}", "--device", "cuda", "x"], ["CUDA is not available"]),
         (["--model", "{model}", "--file", "/nonexistent/words.txt"], ["no such file"]),
         (["--model", "{model}", "--batch-size", "0", "x"], ["--batch-size"]),

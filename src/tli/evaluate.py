@@ -44,9 +44,12 @@ from tli.adapters import (
     ADAPTER_META,
     AdapterInfo,
     Merged,
+    attached,
     check_adapter,
     check_base,
+    is_quantized,
     model_facts,
+    quantization_note,
     read_adapter,
 )
 from tli.config import check_int, check_one_of, check_range, check_unit
@@ -610,8 +613,10 @@ def evaluate(
     embedded before it passes. The base model embeds every string at every layer, then the
     adapter is merged into it (``merge_and_unload``) and the merged model embeds them again.
     Afterwards the base weights are restored exactly, so ``base`` can be used again (except for
-    4-bit weights or adapters with ``modules_to_save``, where a warning says it holds the merged
-    model).
+    adapters with ``modules_to_save``, where a warning says it holds the merged model). On a
+    quantized base the adapter is never merged (that would re-quantize the weights): it is
+    attached unmerged (:func:`tli.adapters.attached`) and removed after. ``evaluation.json``
+    records which (``adapter.applied``).
 
     Args:
         base: A full-depth :class:`tli.models.LoadedModel` (not built with ``max_layer``).
@@ -637,6 +642,9 @@ def evaluate(
     check_base(base, "the evaluation")
     check_adapter(info, base)
     notes = _training_pair_warnings(info, sets)
+    mismatch = quantization_note(info, base)
+    if mismatch:
+        notes.append(mismatch)
     if info.meta.get("pooling") and info.meta["pooling"] != cfg.pooling:
         notes.append(
             f"the adapter was trained with pooling {info.meta['pooling']!r} but is evaluated with "
@@ -670,12 +678,22 @@ def evaluate(
 
     pre_vectors = run(base.model)
     embedded_pre = time.perf_counter()
-    merged = Merged(base, info)
-    merged_at = time.perf_counter()
-    try:
-        post_vectors = run(merged.model)
-    finally:
-        restored = merged.restore()
+    if is_quantized(base.model):
+        # Merging into 4-bit weights re-quantizes them, so every post figure would carry
+        # rounding error unrelated to training (docs/evaluation.md): run the adapter unmerged.
+        applied = "unmerged (peft forward; the base is quantized)"
+        with attached(base, info, "evaluated") as tuned:
+            merged_at = time.perf_counter()
+            post_vectors = run(tuned)
+        restored = True
+    else:
+        applied = "merged (merge_and_unload)"
+        merged = Merged(base, info)
+        merged_at = time.perf_counter()
+        try:
+            post_vectors = run(merged.model)
+        finally:
+            restored = merged.restore()
     embedded_post = time.perf_counter()
     if not restored:
         notes.append(
@@ -714,7 +732,7 @@ def evaluate(
     result = EvalResult(
         config=cfg,
         model=model_facts(base),
-        adapter=info.summary(),
+        adapter={**info.summary(), "applied": applied},
         num_layers=n,
         layers=layers,
         target_layer=info.layer,

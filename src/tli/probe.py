@@ -51,7 +51,15 @@ from typing import Any
 
 import numpy as np
 
-from tli.adapters import attached, check_adapter, check_base, is_identity, model_facts, read_adapter
+from tli.adapters import (
+    attached,
+    check_adapter,
+    check_base,
+    is_identity,
+    model_facts,
+    quantization_note,
+    read_adapter,
+)
 from tli.config import check_int
 from tli.errors import TLIError
 from tli.generate import generate, generate_answers
@@ -748,6 +756,9 @@ def probe(
     if out_dir is not None:
         ensure_dir(out_dir)
     notes: list[str] = []
+    mismatch = quantization_note(info, loaded)
+    if mismatch:
+        notes.append(mismatch)
     if is_identity(info):
         notes.append(
             f"adapter {info.dir}: every LoRA B matrix is zero, so the tuned model is the base model"

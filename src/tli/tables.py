@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 
 # --- small formatters ----------------------------------------------------------------------------
 
+def _applied(adapter: dict) -> str:
+    """How the evaluation applied the adapter, in words (older results: merged)."""
+    if str(adapter.get("applied", "merged")).startswith("unmerged"):
+        return "attached unmerged (the base is quantized: merging would re-quantize it)"
+    return "merged"
+
+
 def _signed_percent(value: float) -> str:
     """A change already in percent, signed, e.g. -18.43%."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}%"
@@ -344,7 +351,8 @@ def eval_markdown(result: EvalResult) -> str:
         f"# Evaluation: `{result.model['name']}` + adapter `{result.adapter['dir']}`",
         "",
         f"Base model ({result.model['model_type']}, {n} layers; layer 0 = input embeddings, "
-        f"{n} = final) vs. the same model with the adapter merged ({trained_at}). "
+        f"{n} = final) vs. the same model with the adapter {_applied(result.adapter)} "
+        f"({trained_at}). "
         f"Pooling {cfg.pooling}; {cfg.n_boot} bootstrap resamples (seed {cfg.seed}), "
         f"{int(round(cfg.level * 100))}% intervals; significance level {cfg.alpha}; smallest "
         f"change named {cfg.min_effect}; P@1 chance level: {chance}. How to read this: "

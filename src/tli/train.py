@@ -503,6 +503,9 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
+        # the base's 4-bit settings (None: unquantized), so an evaluation can say when it
+        # applies the adapter to a base quantized differently
+        "quantization": getattr(loaded, "quantization", None),
     }
 
 
@@ -547,6 +550,7 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
             build_config(models.ModelConfig, model_config),
             max_layer=the_plan.load_depth,
             tokenizer=loaded.tokenizer,
+            lm_head=False,  # training never uses it
         )
     if loaded.depth < needed:
         what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
@@ -557,15 +561,60 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
     return loaded
 
 
+def prepare_for_kbit_training(model: torch.nn.Module) -> None:
+    """Prepare a 4-bit model for QLoRA training, as peft's ``prepare_model_for_kbit_training``.
+
+    The same steps as peft's function without gradient checkpointing (tli never turns it on):
+    every base parameter is frozen and every bf16/fp16 parameter that is not 4-bit is cast to
+    float32, so norms and the residual stream run in float32. One difference: the embedding
+    table and the LM head keep their dtype; the embedding's rows are cast to float32 as they are
+    looked up (:func:`tli.surgery.float32_embedding_rows`), which gives exactly the rows of a
+    float32 table, and tli's training never calls the LM head. For Llama-3-8B that keeps
+    1.05 GB (embeddings) and, at full depth, another 1.05 GB (LM head) out of memory.
+    tests/test_quantized.py checks that hidden states and LoRA gradients equal peft's, bit for
+    bit.
+    """
+    tables = {id(surgery.input_embeddings(model).weight)}
+    out = model.get_output_embeddings()
+    if isinstance(getattr(out, "weight", None), torch.Tensor):
+        tables.add(id(out.weight))
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if id(param) in tables or param.__class__.__name__ == "Params4bit":
+            continue
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+    surgery.float32_embedding_rows(model)
+
+
+def cpu_lacks_bf16() -> bool:
+    """Whether this is an x86 CPU without AVX-512 BF16 or AMX (Linux; False when unknown)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return bool(flags) and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def half_precision_matmuls(model: torch.nn.Module) -> bool:
+    """Whether the blocks' matmuls run in bf16/fp16 (4-bit: the compute dtype; else the weights)."""
+    half = (torch.bfloat16, torch.float16)
+    stack = surgery.blocks(model)
+    for module in stack.modules():
+        compute = getattr(module, "compute_dtype", None)  # bitsandbytes Linear4bit
+        if isinstance(compute, torch.dtype):
+            return compute in half
+    return any(p.dtype in half for p in stack.parameters())
+
+
 def _with_adapters(loaded: Any, cfg: TrainConfig) -> Any:
     """The model with fresh LoRA adapters (peft), prepared for k-bit training when 4-bit."""
     from peft import get_peft_model
 
     model = loaded.model
     if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_for_kbit_training(model)
     with quiet_peft():
         try:
             model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
@@ -703,6 +752,14 @@ def train(
     main = accelerator.is_main_process
     world = accelerator.num_processes
     meta = _adapter_meta(loaded, cfg)
+    if accelerator.device.type == "cpu" and half_precision_matmuls(loaded.model):
+        if cpu_lacks_bf16():
+            log.warning(
+                "training runs its matmuls in bfloat16/float16 on a CPU without AVX-512 BF16 or "
+                "AMX, where torch's backward matmuls in 16 bits are about 50x slower than in "
+                "float32 (docs/benchmarks.md); on this CPU use compute_dtype float32 (4-bit) "
+                "or dtype float32"
+            )
 
     config_record = {"model": model_config or {"name": loaded.name}, "train": to_dict(cfg)}
     if resume:

@@ -29,6 +29,17 @@ def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = False) ->
     add_dataclass_arguments(p, ModelConfig, skip=("name",))
 
 
+def add_plan_argument(p: argparse.ArgumentParser) -> None:
+    """``--plan``: print what the command will build and the memory it needs, then exit."""
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print, per stage, the layers it builds, their parameters and the memory of their "
+        "weights (dtype or 4-bit) against the free memory, from the model's config alone (no "
+        "weights read); then exit (code 2 when they cannot fit)",
+    )
+
+
 def model_config(args: argparse.Namespace, name: str | None = None) -> ModelConfig:
     """The ModelConfig of the command line: ``--model`` (else ``name``, else the default)."""
     values = overrides_from_args(ModelConfig, args)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tli.cli.options import add_plan_argument
 from tli.config import parse_set, read_toml
 from tli.errors import TLIError
 from tli.pipeline.config import absolute_paths, load_run_config, resolve_config
@@ -44,6 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set train.epochs=3 (repeatable)",
     )
+    add_plan_argument(p)
+
+
+def _plan(cfg: Any) -> int:
+    from tli.plan import print_plan, run_stages
+
+    return print_plan(run_stages(cfg), cfg.model.device)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.resume is not None:
         run_dir = args.resume
+        if args.plan:
+            cfg = load_run_config(Path(run_dir) / "config.toml")
+            return _plan(cfg)
         prepare_run_dir(Path(run_dir), overwrite=False, resume=True)
         cfg = load_run_config(Path(run_dir) / "config.toml")
     else:
@@ -71,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
             cli.setdefault("pairs", {})["file"] = args.pairs
         cfg = resolve_config(*layers, cli, where=str(args.config or "command line"))
         cfg = absolute_paths(cfg)
+        if args.plan:
+            return _plan(cfg)
         run_dir = args.out or Path("runs/tli")
     start = time.perf_counter()
     out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None, overwrite=args.overwrite)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tli.cli.options import add_model_arguments, add_pair_arguments, model_config, pair_sets
+from tli.cli.options import (
+    add_model_arguments,
+    add_pair_arguments,
+    add_plan_argument,
+    model_config,
+    pair_sets,
+)
 from tli.config import add_dataclass_arguments, build, overrides_from_args, to_dict
 from tli.errors import TLIError
 from tli.pipeline.presets import PRESETS, train_values
@@ -32,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     add_dataclass_arguments(p, TrainConfig)
     add_model_arguments(p)
+    add_plan_argument(p)
 
 
 def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
@@ -70,12 +77,18 @@ def run(args: argparse.Namespace) -> int:
     needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
     if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
+    if args.plan:
+        from tli.models import config_only
+        from tli.plan import print_plan, train_stage
+
+        config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+        return print_plan([train_stage(mcfg, config, cfg)], mcfg.device)
     ensure_writable_dir(out_dir)
     if pairs is None:
         pairs = pair_sets(args).trained
     _, config = load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     depth = load_depth(cfg, surgery.num_layers(config))
-    loaded = load_model(mcfg, max_layer=depth)
+    loaded = load_model(mcfg, max_layer=depth, lm_head=False)  # training never uses it
     result = train(
         loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
     )

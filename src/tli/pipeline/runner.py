@@ -175,7 +175,10 @@ class Runner:
         tcfg = dataclasses.replace(self.cfg.train, layer=layer)
         tokenizer = self._full.tokenizer if self._full is not None else None
         loaded = load_model(
-            self.cfg.model, tokenizer=tokenizer, max_layer=load_depth(tcfg, scan.num_layers)
+            self.cfg.model,
+            tokenizer=tokenizer,
+            max_layer=load_depth(tcfg, scan.num_layers),
+            lm_head=False,  # training never uses it
         )
         resume = (self.run_dir / "train" / "checkpoints" / "latest").is_file()
         train(
@@ -230,8 +233,9 @@ def preflight(cfg: RunConfig) -> None:
     """Check a new run's inputs before its directory is created: pairs, model, layer.
 
     Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
-    way), finds the model's config (no weights) and checks a set training layer against its
-    depth, so bad input fails in seconds with nothing written.
+    way), finds the model's config (no weights), checks a set training layer against its
+    depth and that the full model's weights fit in the free memory (:mod:`tli.memory`), so bad
+    input fails in seconds with nothing written.
     """
     load_sets(cfg)
     from tli.models import EMBEDDED, load_config
@@ -254,6 +258,14 @@ def preflight(cfg: RunConfig) -> None:
             plan(train, n)
         except TLIError as err:
             raise TLIError(f"[train] {err} (model {name!r} has {n} layers)") from None
+    from tli import memory
+
+    # The scan's full model is the largest load of a run (training loads fewer blocks).
+    full = memory.footprint(
+        config, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
+        double_quant=cfg.model.double_quant, name=name,
+    )  # fmt: skip
+    memory.check_fits(full, cfg.model.device)
 
 
 def run_pipeline(
