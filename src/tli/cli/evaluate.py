@@ -40,8 +40,8 @@ def run(args: argparse.Namespace) -> int:
     from tli.evaluate import evaluate
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
-    info, sets, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out)
+    info, sets, languages, loaded, load_s = adapter_command(args, "the evaluation")
+    result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
     print("\n".join(result.verdict_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")

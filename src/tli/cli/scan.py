@@ -42,11 +42,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = build(ScanConfig, overrides_from_args(ScanConfig, args))
     model_cfg = model_config(args)
     ensure_writable_dir(args.out)
-    sets = checked_sets(args, "the scan")
+    sets, languages = checked_sets(args, "the scan")
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start
-    result = run_scan(loaded, sets, cfg)
+    result = run_scan(loaded, sets, cfg, languages=languages)
     result.timings["load_s"] = load_s
     result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
     if args.control is not None:

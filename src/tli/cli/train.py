@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 from tli.cli.options import add_model_arguments, add_pair_arguments, model_config, pair_sets
@@ -71,13 +72,26 @@ def run(args: argparse.Namespace) -> int:
     if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
     ensure_writable_dir(out_dir)
+    card = None  # a resume reuses the card facts train_config.json recorded
     if pairs is None:
-        pairs = pair_sets(args).trained
+        sets = pair_sets(args)
+        pairs = sets.trained
+        card = {
+            "languages": list(sets.languages),
+            "data": sets.summary(),
+            "command": "tli " + shlex.join(str(a) for a in args.argv),
+        }
     _, config = load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     depth = load_depth(cfg, surgery.num_layers(config))
     loaded = load_model(mcfg, max_layer=depth)
     result = train(
-        loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
+        loaded,
+        pairs,
+        cfg,
+        out_dir,
+        resume=args.resume is not None,
+        model_config=to_dict(mcfg),
+        card=card,
     )
     print(
         f"trained {result.steps} steps in {result.seconds:.1f} s "
