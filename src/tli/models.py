@@ -198,7 +198,8 @@ def gguf_to_cache(name: str) -> Path:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
         record = {"name": name, "gguf": gguf_file.name, "license": _gguf_license(gguf_file)}
-        record[TOKENIZER_RECORD] = tokenizer_record(tokenizer)
+        # recorded as the saved tokenizer loads (its class's padding side and all), once
+        record[TOKENIZER_RECORD] = tokenizer_record(AutoTokenizer.from_pretrained(out))
         (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(out, target)
     return target
