@@ -43,6 +43,25 @@ def test_help_lists_subcommands():
         assert command in out
 
 
+def test_threads_option_and_environment_set_torch_threads(run_cli, monkeypatch, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        assert run_cli("--threads", "1", "pairs", "check", ROOT / "src/tli/data/lexicon.tsv")[0] == 0
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("TLI_THREADS", "2")
+        assert run_cli("pairs", "check", ROOT / "src/tli/data/lexicon.tsv")[0] == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TLI_THREADS", "many")
+        code, _, err = run_cli("pairs", "check", ROOT / "src/tli/data/lexicon.tsv")
+        assert_one_line_error(code, err, "TLI_THREADS: not an integer: 'many'")
+        code, _, err = run_cli("--threads", "0", "pairs", "check", "x.tsv")
+        assert_one_line_error(code, err, "--threads", "must be >= 1")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_embed_writes_vectors(run_cli, tiny_model_dir, tmp_path):
     out_file = tmp_path / "v.safetensors"
     code, out, _ = run_cli(

@@ -68,14 +68,15 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
                  "pairs/pairs.tsv", "scan/scan.json", "scan/scan.csv", "train/final",
                  "train/train_log.csv", "eval/evaluation.json", "eval/evaluation.md",
                  "eval/pairs.csv", "figures/scan.png", "figures/tsne_pre.png",
-                 "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png"):
+                 "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png",
+                 "figures/training.png", "train/final/README.md"):
         assert (out / name).exists(), name
     env = json.loads((out / "environment.json").read_text())
     assert {"python", "packages", "git_commit", "seeds", "device", "time"} <= env.keys()
     assert {"torch", "transformers", "peft", "accelerate"} <= env["packages"].keys()
     assert not (out / "run.lock").exists()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and 'src="figures/' not in html
+    assert html.count("data:image/png;base64,") == 6 and 'src="figures/' not in html
     md = (out / "report.md").read_text()
     assert "Table 1" in md and "Table 2" in md and "Verdicts" in md
     # The resolved config re-runs: it parses to the same RunConfig.
@@ -90,7 +91,7 @@ def test_plot_redraws_every_figure_from_the_run_directory_alone(finished_run, ca
         p.unlink()
     assert main(["plot", str(finished_run)]) == 0
     after = {p.name: p.read_bytes() for p in sorted((finished_run / "figures").glob("*.png"))}
-    assert after.keys() == before.keys() and len(after) == 5
+    assert after.keys() == before.keys() and len(after) == 6
     assert after == before  # seeded t-SNE, same results: the same pictures
 
 

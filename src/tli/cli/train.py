@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from tli import surgery
     from tli.io import ensure_writable_dir
     from tli.models import ModelConfig, load_config, load_model
-    from tli.train import load_depth, train
+    from tli.train import check_tracker, load_depth, train
 
     out_dir = args.resume or args.out
     if args.resume is not None:
@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = build(TrainConfig, preset, overrides_from_args(TrainConfig, args))
         mcfg = model_config(args)
         pairs = None
+    check_tracker(cfg.report_to)  # before any model is loaded
     needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
     if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
