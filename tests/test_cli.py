@@ -47,14 +47,15 @@ def test_threads_option_and_environment_set_torch_threads(run_cli, monkeypatch, 
     import torch
 
     before = torch.get_num_threads()
+    lexicon = ROOT / "src/tli/data/lexicon.tsv"
     try:
-        assert run_cli("--threads", "1", "pairs", "check", ROOT / "src/tli/data/lexicon.tsv")[0] == 0
+        assert run_cli("--threads", "1", "pairs", "check", lexicon)[0] == 0
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("TLI_THREADS", "2")
-        assert run_cli("pairs", "check", ROOT / "src/tli/data/lexicon.tsv")[0] == 0
+        assert run_cli("pairs", "check", lexicon)[0] == 0
         assert torch.get_num_threads() == 2
         monkeypatch.setenv("TLI_THREADS", "many")
-        code, _, err = run_cli("pairs", "check", ROOT / "src/tli/data/lexicon.tsv")
+        code, _, err = run_cli("pairs", "check", lexicon)
         assert_one_line_error(code, err, "TLI_THREADS: not an integer: 'many'")
         code, _, err = run_cli("--threads", "0", "pairs", "check", "x.tsv")
         assert_one_line_error(code, err, "--threads", "must be >= 1")

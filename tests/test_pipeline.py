@@ -213,7 +213,7 @@ def test_the_final_adapter_card_holds_the_evaluation(german_run, tiny_model_dir)
 def test_the_evaluation_reuses_the_scan_vectors_and_gets_the_same_figures(german_run, tmp_path):
     """`tli run` takes the scan's base vectors; an evaluation that embeds again agrees exactly."""
     from tli.evaluate import EvalResult, evaluate
-    from tli.models import ModelConfig, load_model
+    from tli.models import load_model
     from tli.pipeline.runner import saved_sets
 
     record = json.loads((german_run / "run.json").read_text())
