@@ -178,7 +178,7 @@ def test_end_to_end_writes_every_file(base, adapter_dir, tiny_model_dir, tmp_pat
         "| Set | N | Pre mean (std) | Post mean (std) | Abs. change | % change | t | p |",
         "Baseline pre → post",
         "Margin change",
-        "P@1 s2t_nn",
+        "P@1 source→target NN",  # no languages given: neutral names
         "| 2 (trained) |",
         "| 4 (final) |",
         "## Table 2",

@@ -165,7 +165,7 @@ class ScanResult:
     timings: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     languages: tuple[str, str] = ("source", "target")
-    embedding: Embedding | None = field(default=None, repr=False)
+    embedding: Embedding | None = field(default=None, repr=False, compare=False)
 
     @property
     def select_metric(self) -> str:
