@@ -15,6 +15,7 @@ timed in the same run, each load in its own process, alternating: ``tokenizer_s`
 loaded it before), and the whole cached load (tokenizer and weights) each way.
 
 Usage: python benchmarks/load_memory.py [--model gemma-3-270m] [--max-layer 2] [--repeats 3]
+       [--cache DIR]   (an existing cache: no de-quantisation, no uncached load timed)
 The last line printed is one JSON object with every figure.
 """
 
@@ -90,20 +91,23 @@ def main() -> None:
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--repeats", type=int, default=3, help="cached loads per variant")
     parser.add_argument("--auto-tokenizer", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help="use this filled cache (default: a fresh temporary one)")
     args = parser.parse_args()
     if args.child:
         child(args.model, args.max_layer if args.max_layer >= 0 else None, args.auto_tokenizer)
         return
-    cache = tempfile.mkdtemp(prefix="tli-bench-cache-")
+    cache = args.cache or tempfile.mkdtemp(prefix="tli-bench-cache-")
     try:
-        uncached = run_child(args.model, -1, cache)  # de-quantises the GGUF into the fresh cache
+        # a fresh cache: the first load de-quantises the GGUF into it
+        uncached = None if args.cache else run_child(args.model, -1, cache)
         full, cut, auto = [], [], []
         for _ in range(args.repeats):  # alternating, so both ways see the same machine load
             full.append(run_child(args.model, -1, cache))
             auto.append(run_child(args.model, -1, cache, auto=True))
             cut.append(run_child(args.model, args.max_layer, cache))
     finally:
-        shutil.rmtree(cache, ignore_errors=True)
+        if not args.cache:
+            shutil.rmtree(cache, ignore_errors=True)
 
     def median(xs):
         xs = sorted(xs)
@@ -124,7 +128,7 @@ def main() -> None:
         "bound": round(1.15 * kept, 3),
         "within_bound": ratio <= 1.15 * kept,
         "tokenizer_mb": round(tokenizer_mb, 1),
-        "uncached_load_s": round(uncached["seconds"], 2),
+        "uncached_load_s": round(uncached["seconds"], 2) if uncached else None,
         "cached_load_s_full": round(median([r["seconds"] for r in full]), 2),
         "cached_load_s_max_layer": round(median([r["seconds"] for r in cut]), 2),
         "cached_load_s_full_auto_tokenizer": round(median([r["seconds"] for r in auto]), 2),

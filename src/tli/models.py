@@ -309,7 +309,10 @@ def model_origin(name: str, path: str | None = None) -> dict[str, Any]:
     elif not is_local:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "README.md")
+        try:
+            cached = try_to_load_from_cache(name, "README.md")
+        except ValueError:  # not a valid repo id (huggingface_hub's validation error)
+            cached = None
         if isinstance(cached, str):
             license_ = _card_license(Path(cached))
     return {"base_model": name, "local": is_local, "license": license_}
