@@ -216,8 +216,8 @@ def tokenizer_record(tok: Any) -> dict[str, Any]:
 
     ``AutoTokenizer`` rebuilds a model's own tokenizer class (e.g. Gemma's) from
     ``tokenizer.json``, parsing the 33 MB file several times; with this record a cache entry's
-    tokenizer loads straight from ``tokenizer.json`` (:func:`_cached_tokenizer`), the same
-    tokens in 0.37x the time (docs/benchmarks.md).
+    tokenizer loads straight from ``tokenizer.json`` (:func:`_cached_tokenizer`): the same
+    tokens, in less time (``benchmarks/load_memory.py``, docs/benchmarks.md).
     """
     special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
     return {
