@@ -776,6 +776,7 @@ def train(
             raise TLIError(f"{out_dir}: the training config differs from the one being resumed")
         if card is None and isinstance(saved.get("card"), dict):
             card = saved["card"]
+        config_record["card"] = dict(card or {})  # train.json records what a fresh run does
     else:
         if latest_checkpoint(out_dir) is not None or (out_dir / "final").exists():
             raise TLIError(
