@@ -3,8 +3,8 @@
 The scan embeds every string of both sets at every layer with the base model; the evaluation
 needs exactly those vectors again (same model, pooling, batch size and strings) before it
 merges the adapter. ``tli run`` hands them over (``tli.evaluate.evaluate(base_vectors=...)``).
-This script loads the embedded model once, scans the bundled lexicon's split (863 + 95 pairs,
-as ``tli run`` does), trains a one-epoch adapter at layer 2, then times the evaluation with and
+This script loads the embedded model once, scans the bundled lexicon's split (as ``tli run``
+does), trains a one-epoch adapter at layer 2, then times the evaluation with and
 without the scan's vectors, alternating (``--repeats`` each), and checks that both give the
 same figures.
 

@@ -6,7 +6,8 @@ reads the scan's own time (``scan.json`` timings, model load excluded). torch's 
 this machine is as many threads as cores (2); when other processes hold the cores, threads
 that wait for each other can make more threads slower, which is what the option is for.
 
-Usage: python benchmarks/threads.py [--repeats 3] [--threads 1,2]
+Usage: python benchmarks/threads.py [--repeats 3] [--threads 1,2] [--n-pairs N]
+       (--n-pairs: a seeded sample of N lexicon pairs instead of all, for a shorter run)
 The last line printed is one JSON object with every figure.
 """
 
@@ -28,17 +29,28 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--n-pairs", type=int, default=0, help="sample of the lexicon (0: all)")
     args = parser.parse_args()
     counts = [int(t) for t in args.threads.split(",")]
     times: dict[int, list[float]] = {n: [] for n in counts}
     loads = []
     with tempfile.TemporaryDirectory(prefix="tli-bench-threads-") as tmp:
+        pairs_args: list[str] = []
+        if args.n_pairs:
+            import random
+
+            from tli.pairs import load_lexicon, write_pairs
+
+            lexicon = load_lexicon()
+            keep = sorted(random.Random(0).sample(range(len(lexicon)), args.n_pairs))
+            write_pairs([lexicon[i] for i in keep], Path(tmp) / "pairs.tsv")
+            pairs_args = ["--pairs", str(Path(tmp) / "pairs.tsv")]
         for i in range(args.repeats):
             for n in counts:
                 out = Path(tmp) / f"t{n}-{i}"
                 env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
                 cmd = [sys.executable, "-m", "tli", "--threads", str(n), "scan",
-                       "--model", args.model, "--out", str(out)]  # fmt: skip
+                       "--model", args.model, *pairs_args, "--out", str(out)]  # fmt: skip
                 subprocess.run(cmd, check=True, capture_output=True, env=env)
                 times[n].append(json.loads((out / "scan.json").read_text())["timings"]["total_s"])
                 loads.append(os.getloadavg()[0])
@@ -48,6 +60,7 @@ def main() -> None:
         "benchmark": "threads",
         "model": args.model,
         "cpus": os.cpu_count(),
+        "pairs": args.n_pairs or "all",
         "scan_s_median": {str(n): round(v, 2) for n, v in med.items()},
         "runs": {str(n): [round(x, 2) for x in v] for n, v in times.items()},
         "ratio_1_over_2": round(med[1] / med[2], 3) if 1 in med and 2 in med else None,
