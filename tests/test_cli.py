@@ -221,7 +221,7 @@ BAD_INPUT = {
                                   ["notrun", "not a tli run directory"]),
     "run-resume-missing": ("run --resume {d}/nope", ["nope", "not a tli run directory"]),
     "run-report-to-unknown": ("run --model {model} --report-to neptune --out {out}",
-                              ["[train] report_to must be one of none, tensorboard, mlflow, wandb"]),
+                              ["[train] report_to must be one of none, tensorboard, mlflow"]),
     "run-src-lang-empty": ("run --model {model} --src-lang ' ' --out {out}",
                            ["pairs.src_lang must be a language name"]),
     "run-resume-not-a-run": ("run --resume {d}/notrun", ["notrun", "not a tli run directory"]),

@@ -665,7 +665,8 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_results(
     assert not [p for p in run.rglob(".*") if is_leftover(p.name)]
     record = json.loads((run / "run.json").read_text())
     assert record["stages"]["train"]["resumed"] is True  # training continued from a checkpoint
-    assert_same_results(results_of(reference_run), results_of(run), ignore=("resumed", "base_vectors_reused"))
+    assert_same_results(results_of(reference_run), results_of(run),
+                        ignore=("resumed", "base_vectors_reused"))  # fmt: skip
 
 
 @pytest.mark.slow
