@@ -40,6 +40,8 @@ log = logging.getLogger("tli")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "tli_adapter.json"
+#: The model card in an adapter directory (the file the Hub shows).
+CARD = "README.md"
 
 
 @contextmanager
@@ -58,8 +60,37 @@ def quiet_peft(record: bool = False) -> Iterator[list[warnings.WarningMessage]]:
         yield caught if caught is not None else []
 
 
+def write_card(adapter_dir: Path, evaluation: Any = None, meta: dict | None = None) -> Path:
+    """(Re)write the model card ``README.md`` of an adapter directory atomically; return it.
+
+    Args:
+        adapter_dir: The adapter directory.
+        evaluation: A :class:`tli.evaluate.EvalResult` of this adapter, whose verdicts and
+            Table 1 the card then shows.
+        meta: The adapter's metadata (default: its ``tli_adapter.json``).
+
+    Raises:
+        TLIError: ``meta`` is not given and the directory has no ``tli_adapter.json``.
+    """
+    from tli.card import card_text
+    from tli.io import atomic_write_text
+
+    adapter_dir = Path(adapter_dir)
+    if meta is None:
+        if not (adapter_dir / ADAPTER_META).is_file():
+            raise TLIError(f"adapter {adapter_dir}: no {ADAPTER_META} to write a model card from")
+        meta = read_json(adapter_dir / ADAPTER_META)
+    path = adapter_dir / CARD
+    atomic_write_text(path, card_text(meta, evaluation))
+    return path
+
+
 def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Write the adapter in peft's format (plus tli's metadata), replacing ``path`` atomically."""
+    """Write the adapter in peft's format, tli's metadata and the model card (:mod:`tli.card`).
+
+    ``path`` is replaced atomically: the files go to a temporary sibling that is renamed into
+    place, so a reader sees the old adapter or the new one, never a mixture.
+    """
     path = Path(path)
     ensure_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -69,6 +100,7 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
         # otherwise look the base model up on the hub to decide.
         model.save_pretrained(tmp, save_embedding_layers=False)
         atomic_write_json(tmp / ADAPTER_META, meta)
+        write_card(tmp, meta=meta)  # replaces peft's template
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

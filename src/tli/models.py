@@ -78,6 +78,15 @@ EMBEDDED: dict[str, Callable[[Path], Path]] = {
 }
 
 
+#: Embedded model -> (the hub id of the model it ships, that model's license). Read from the
+#: GGUF files' own metadata (``general.name``, ``general.license``): Gemma 3 270M (the base
+#: model, no fine-tune tag) under the Gemma terms, SmolLM2-135M-Instruct under Apache 2.0.
+EMBEDDED_ORIGIN: dict[str, tuple[str, str]] = {
+    "gemma-3-270m": ("google/gemma-3-270m", "gemma"),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which model to load, and how."""
@@ -213,11 +222,137 @@ def gguf_to_cache(name: str) -> Path:
         out = tmp_path / "model"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "tli_source.json").write_text(
-            json.dumps({"name": name, "gguf": gguf_file.name}, indent=2) + "\n"
-        )
+        record = {"name": name, "gguf": gguf_file.name, "license": _gguf_license(gguf_file)}
+        # recorded as the saved tokenizer loads (its class's padding side and all), once
+        record[TOKENIZER_RECORD] = tokenizer_record(AutoTokenizer.from_pretrained(out))
+        (out / SOURCE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         os.replace(out, target)
     return target
+
+
+#: tli's record in a cache entry: where the weights came from, and its tokenizer's settings.
+SOURCE_RECORD = "tli_source.json"
+#: The key of :data:`SOURCE_RECORD` that holds :func:`tokenizer_record`.
+TOKENIZER_RECORD = "tokenizer"
+
+
+def tokenizer_record(tok: Any) -> dict[str, Any]:
+    """What a fast tokenizer needs besides its ``tokenizer.json`` to load as it was saved.
+
+    ``AutoTokenizer`` rebuilds a model's own tokenizer class (e.g. Gemma's) from
+    ``tokenizer.json``, parsing the 33 MB file several times; with this record a cache entry's
+    tokenizer loads straight from ``tokenizer.json`` (:func:`_cached_tokenizer`): the same
+    tokens, in less time (``benchmarks/load_memory.py``, docs/benchmarks.md).
+    """
+    special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    return {
+        "class": type(tok).__name__,
+        "special_tokens": special,
+        "padding_side": tok.padding_side,
+        "truncation_side": tok.truncation_side,
+        "clean_up_tokenization_spaces": bool(tok.clean_up_tokenization_spaces),
+        "model_max_length": int(min(tok.model_max_length, 2**62)),
+    }
+
+
+def _cached_tokenizer(path: Path) -> Any | None:
+    """The fast tokenizer of a tli cache entry that records it (:func:`tokenizer_record`)."""
+    source, file = path / SOURCE_RECORD, path / "tokenizer.json"
+    if not (source.is_file() and file.is_file()):
+        return None
+    try:
+        record = json.loads(source.read_text(encoding="utf-8")).get(TOKENIZER_RECORD)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_file=str(file),
+        padding_side=record["padding_side"],
+        truncation_side=record["truncation_side"],
+        clean_up_tokenization_spaces=record["clean_up_tokenization_spaces"],
+        model_max_length=record["model_max_length"],
+        **record["special_tokens"],
+    )
+
+
+def _record_tokenizer(path: Path, tok: Any) -> None:
+    """Add :func:`tokenizer_record` to a cache entry written by an older tli (once)."""
+    from tli.io import atomic_write_json
+
+    source = path / SOURCE_RECORD
+    try:
+        record = json.loads(source.read_text(encoding="utf-8"))
+        record[TOKENIZER_RECORD] = tokenizer_record(tok)
+        atomic_write_json(source, record)
+    except (OSError, ValueError, TypeError, TLIError) as err:  # a read-only cache: stay slow
+        log.debug("%s: cannot record the tokenizer: %s", source, err)
+
+
+def _card_license(readme: Path) -> str | None:
+    """The ``license`` of a model card's YAML front matter, if the file has one."""
+    from huggingface_hub import ModelCard
+
+    try:
+        found = ModelCard.load(readme).data.license
+    except Exception as err:  # a README.md that is not a model card: no license to take
+        log.debug("%s: no model card metadata (%s)", readme, first_line(err))
+        return None
+    return str(found) if found else None
+
+
+def model_origin(name: str, path: str | None = None) -> dict[str, Any]:
+    """Where a model comes from, for a model card: its hub id or local name, and its license.
+
+    * an embedded name: the hub id and license of the model it ships (:data:`EMBEDDED_ORIGIN`);
+    * a local directory or ``.gguf`` file: its name as given, marked ``local``; the license
+      of the directory's ``README.md`` model card or of the GGUF file's metadata, if any;
+    * a hub id: the id, and the license of its model card if the hub cache holds it.
+
+    Returns:
+        ``{"base_model", "local", "license"}``; ``license`` is None where it is not known.
+    """
+    if name in EMBEDDED_ORIGIN:
+        hub_id, license_ = EMBEDDED_ORIGIN[name]
+        return {"base_model": hub_id, "local": False, "license": license_, "embedded": name}
+    local = expand_user(name)
+    try:
+        is_local = local.exists()
+    except OSError:
+        is_local = False
+    license_ = None
+    if is_local and local.is_dir():
+        if (local / "README.md").is_file():
+            license_ = _card_license(local / "README.md")
+    elif is_local and path and (Path(path) / SOURCE_RECORD).is_file():  # a .gguf file's cache
+        try:
+            license_ = json.loads((Path(path) / SOURCE_RECORD).read_text()).get("license")
+        except (OSError, ValueError, AttributeError):
+            license_ = None
+    elif not is_local:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "README.md")
+        except ValueError:  # not a valid repo id (huggingface_hub's validation error)
+            cached = None
+        if isinstance(cached, str):
+            license_ = _card_license(Path(cached))
+    return {"base_model": name, "local": is_local, "license": license_}
+
+
+def _gguf_license(path: Path) -> str | None:
+    """``general.license`` of a GGUF file's metadata, if it has one."""
+    try:
+        import gguf
+
+        field_ = gguf.GGUFReader(str(path)).fields.get("general.license")
+        return str(field_.contents()) if field_ is not None else None
+    except Exception as err:  # an unreadable header: the conversion reports real problems
+        log.debug("%s: no license in the GGUF metadata (%s)", path, first_line(err))
+        return None
 
 
 def resolve(name: str) -> str:
@@ -248,10 +383,15 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve(name)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise TLIError(f"model {name!r}: cannot load tokenizer: {first_line(err)}") from None
+    cache_entry = (Path(path) / SOURCE_RECORD).is_file()
+    tok = _cached_tokenizer(Path(path)) if cache_entry else None
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise TLIError(f"model {name!r}: cannot load tokenizer: {first_line(err)}") from None
+        if cache_entry and getattr(tok, "is_fast", False):
+            _record_tokenizer(Path(path), tok)
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise TLIError(f"model {name!r}: tokenizer has neither a pad nor an eos token")

@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
         note = "the adapter runs unmerged on 4-bit weights" if mcfg.load_in_4bit else ""
         return print_plan([model_stage("evaluate", mcfg, config, note=note)], mcfg.device)
-    info, sets, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out)
+    info, sets, languages, loaded, load_s = adapter_command(args, "the evaluation")
+    result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
     print("\n".join(result.verdict_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")

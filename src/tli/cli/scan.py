@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
         config = config_only(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
         return print_plan([model_stage("scan", model_cfg, config)], model_cfg.device)
     ensure_writable_dir(args.out)
-    sets = checked_sets(args, "the scan")
+    sets, languages = checked_sets(args, "the scan")
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start
-    result = run_scan(loaded, sets, cfg)
+    result = run_scan(loaded, sets, cfg, languages=languages)
     result.timings["load_s"] = load_s
     result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
     if args.control is not None:
