@@ -68,7 +68,8 @@ def test_compare_writes_a_table_a_page_a_figure_and_the_records(two_results, tmp
     assert records[0]["train_seconds"] == train["seconds"]
     cell_json = json.loads((cell / "cell.json").read_text())
     got = records[1]["sets"]["control"]
-    assert got["p1_post"] == cell_json["post"]["p_at_1_s2t_nn"]
+    assert got["p1_retrieval"] == "s2t_centered"  # the verdict's retrieval
+    assert got["p1_post"] == cell_json["post"]["p_at_1_s2t_centered"]
     assert got["margin_change_lo"] == cell_json["post"]["margin_change_lo"]
     k = round(got["p1_post"] * got["n"])
     ci = binomtest(k, got["n"]).proportion_ci(method="wilson")

@@ -28,8 +28,9 @@ from typing import Any
 from tli.errors import TLIError, first_line
 from tli.io import atomic_write_json, atomic_write_text, ensure_dir
 
-#: The retrieval the comparison shows (every run and sweep cell records it).
-RETRIEVAL = "p_at_1_s2t_nn"
+#: The retrieval the comparison shows: the verdict's default (source -> target, nearest neighbour
+#: after mean-centring each side), or nearest neighbour in results of a tli that lacked it.
+RETRIEVALS = ("s2t_centered", "s2t_nn")
 #: Coverage of the P@1 intervals.
 LEVEL = 0.95
 #: File names written by :func:`write_comparison`.
@@ -42,14 +43,12 @@ MD_NAME, HTML_NAME, PNG_NAME, JSON_NAME = (
 
 
 def wilson(share: float, n: int, level: float = LEVEL) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (scipy's ``binomtest``): hits = share x n."""
-    from scipy.stats import binomtest
+    """The Wilson interval of a P@1 (:func:`tli.stats.wilson_interval`): hits = share x n."""
+    from tli.stats import wilson_interval
 
     if not n or share is None or not math.isfinite(share):
         return math.nan, math.nan
-    k = int(round(share * n))
-    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="wilson")
-    return float(ci.low), float(ci.high)
+    return wilson_interval(int(round(share * n)), int(n), level)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -72,9 +71,11 @@ def _record(
     pre: dict[str, Any], post: dict[str, Any], n: int, change: tuple[Any, Any, Any], verdict: str
 ) -> dict[str, Any]:
     """One set's headline figures from its before/after summaries at one layer."""
-    p1_pre, p1_post = _num(pre[RETRIEVAL]), _num(post[RETRIEVAL])
+    kind = next(k for k in RETRIEVALS if f"p_at_1_{k}" in pre or k == RETRIEVALS[-1])
+    p1_pre, p1_post = _num(pre[f"p_at_1_{kind}"]), _num(post[f"p_at_1_{kind}"])
     return {
         "n": int(n),
+        "p1_retrieval": kind,
         "pair_pre": _num(pre["pair_mean"]),
         "pair_post": _num(post["pair_mean"]),
         "baseline_pre": _num(pre["baseline"]),
@@ -227,5 +228,5 @@ def write_comparison(
     plot_compare(records, out / PNG_NAME)
     atomic_write_text(out / MD_NAME, text)
     write_compare_html(text, out, out / HTML_NAME)
-    atomic_write_json(out / JSON_NAME, {"level": LEVEL, "retrieval": RETRIEVAL, "runs": records})
+    atomic_write_json(out / JSON_NAME, {"level": LEVEL, "runs": records})
     return [out / MD_NAME, out / HTML_NAME, out / PNG_NAME, out / JSON_NAME]

@@ -643,6 +643,7 @@ def compare_table(records: Sequence[Mapping[str, Any]]) -> str:
                 f"{_f(s['margin_change_hi'], '+.4f')}] "
                 f"| {_f(s['p1_pre'], '.4f')} → {_f(s['p1_post'], '.4f')} "
                 f"[{_f(lo, '.3f')}, {_f(hi, '.3f')}] "
+                f"({_md(retrieval_name(s.get('p1_retrieval', 's2t_nn'), r['languages']))}) "
                 f"| {_md(s['verdict'])} | {_f(r['train_seconds'], '.0f')} |"
             )
     return "\n".join(lines)
@@ -663,8 +664,10 @@ def compare_markdown(records: Sequence[Mapping[str, Any]], figure: str | None = 
         "At the final layer. Pair cosine: mean cosine of each source word with its "
         "translation; baseline: mean cosine of mismatched pairs from the same lists; margin: "
         "pairs - baseline, with its bootstrap CI and the paired bootstrap CI of its change; "
-        "P@1: source → target retrieval by nearest neighbour among the set's targets (a listed "
-        "alternative counts), with the Wilson interval of the post value; verdict: tli's rules "
+        "P@1: source → target retrieval among the set's targets (a listed alternative counts), "
+        "by nearest neighbour after mean-centring each side (the verdict's default; plain "
+        "nearest neighbour for results of a tli that lacked it, as each cell names), with the "
+        "Wilson interval of the post value; verdict: tli's rules "
         "(docs/evaluation.md); training s: wall time of the training steps. A sweep cell holds "
         "the control set only.",
     ]
