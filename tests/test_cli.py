@@ -196,7 +196,7 @@ BAD_INPUT = {
     "run-out-is-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile",
                           ["afile", "exists and is not a directory"]),
     "run-out-under-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile/run",
-                             ["afile/run", "Not a directory"]),
+                             ["afile/run", "is not a directory"]),
     "run-out-foreign-directory": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/notrun",
                                   ["notrun", "not a tli run directory"]),
     "run-resume-missing": ("run --resume {d}/nope", ["nope", "not a tli run directory"]),
@@ -204,6 +204,43 @@ BAD_INPUT = {
     "run-resume-with-options": ("run --resume {d}/notrun --set train.epochs=3",
                                 ["--resume DIR continues the run with its saved config"]),
     # tli pairs check / split
+    # round 2: checked before anything is written or deleted
+    "run-set-empty-key": ("run --model {model} --set train.=1 --out {out}",
+                          ["--set 'train.=1'", "expected section.key=value"]),
+    "run-set-blamed-on-the-command-line": (
+        "run --config {d}/ok.toml --model {model} --set train.nope=1 --out {out}",
+        ["command line: [train] unknown key 'nope'"]),
+    "run-select-on-typo": ("run --model {model} --set scan.select_on=contrl --out {out}",
+                           ["[scan] select_on must be one of trained, control, got 'contrl'"]),
+    "run-temperature-inf": ("run --model {model} --set train.temperature=inf --out {out}",
+                            ["[train] temperature must be a finite number, got inf"]),
+    "run-batch-size-huge": ("run --model {model} --set train.batch_size=1000000000 --out {out}",
+                            ["[train] batch_size must be <= 65536"]),
+    "run-seed-negative": ("run --model {model} --set evaluate.seed=-1 --out {out}",
+                          ["[evaluate] seed must be an integer >= 0, got -1"]),
+    "run-adapt-layers-outside": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.adapt_layers='\"9\"' --out {out}",
+        ["[train] adapt_layers: block 9 is outside 0..3"]),
+    "run-adapt-layers-above-the-loss": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.layer=2 "
+        "--set train.adapt_layers='\"3\"' --out {out}",
+        ["[train] adapt_layers: block 3 is at or above the deepest loss layer 2"]),
+    "run-target-modules-unknown": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.target_modules='[\"nope\"]' "
+        "--out {out}", ["[train] target_modules nope: cannot add adapters"]),
+    "run-no-negatives": ("run --model {model} --pairs {d}/same.tsv --out {out}",
+                         ["same.tsv", "training has no negatives"]),
+    "run-leakage": ("run --model {model} --pairs {d}/leaky.tsv --out {out}",
+                    ["leaky.tsv", "1 control item(s) overlap the trained set",
+                     "pairs.allow_overlap = true"]),
+    "run-config-fifo": ("run --config {s}/fifo.toml --out {out}",
+                        ["fifo.toml", "not a regular file"]),
+    "run-pairs-fifo": ("run --model {model} --pairs {s}/fifo.tsv --out {out}",
+                       ["fifo.tsv", "not a regular file"]),
+    "run-resume-with-overwrite": ("run --resume {d}/notrun --overwrite",
+                                  ["--resume continues a run and --overwrite replaces it"]),
+    "run-rerun-changed-without-resume": ("run --model {model} --rerun-changed --out {out}",
+                                         ["--rerun-changed goes with --resume DIR"]),
     "pairs-check-missing": ("pairs check {d}/nope.tsv", ["nope.tsv", "cannot read"]),
     "pairs-check-unreadable": ("pairs check {d}/dir.tsv", ["dir.tsv", "cannot read"]),
     "pairs-check-not-utf8": ("pairs check {d}/latin1.tsv", ["latin1.tsv", "line 2", "not UTF-8"]),
@@ -222,6 +259,16 @@ BAD_INPUT = {
                                   ["'no-such-model'", "not an embedded name"]),
     "pairs-check-against-missing": ("pairs check {d}/pairs.tsv --against {d}/nope.tsv",
                                     ["nope.tsv", "cannot read"]),
+    "pairs-check-fifo": ("pairs check {s}/fifo.tsv", ["fifo.tsv", "not a regular file"]),
+    "pairs-check-dev-zero": ("pairs check --format tsv /dev/zero",
+                             ["/dev/zero", "not a regular file"]),
+    "pairs-check-too-large": ("pairs check {s}/huge.tsv", ["huge.tsv", "larger than 64 MiB"]),
+    "pairs-check-duplicate-key-json": ("pairs check {d}/dup.json",
+                                       ["dup.json", "record 1", 'field "english" appears twice']),
+    "pairs-check-duplicate-key-jsonl": ("pairs check {d}/dup.jsonl",
+                                        ["dup.jsonl", "line 2", 'field "swahili" appears twice']),
+    "pairs-split-seed-negative": ("pairs split {d}/pairs.tsv --seed -1 --out {out}.tsv",
+                                  ["--seed must be an integer >= 0, got -1"]),
     "pairs-split-missing": ("pairs split {d}/nope.tsv --out {out}.tsv",
                             ["nope.tsv", "cannot read"]),
     "pairs-split-bad-json": ("pairs split {d}/bad.json --out {out}.tsv", ["bad.json", "bad JSON"]),
@@ -301,6 +348,16 @@ BAD_INPUT = {
     "scan-out-under-a-file": ("scan --model {model} --pairs {d}/pairs.tsv --out {d}/afile/s",
                               ["afile", "not a directory"]),
     # tli train
+    "scan-select-on-typo": (
+        "scan --model {model} --pairs {d}/pairs.tsv --select-on contrl --out {out}",
+        ["--select-on", "'contrl' is not one of trained, control"]),
+    "scan-existing-scan": ("scan --model {model} --pairs {d}/split.tsv --out {results}/scan",
+                           ["scan", "already holds a scan (scan.json)", "--overwrite"]),
+    "scan-leakage": ("scan --model {model} --pairs {d}/leaky.tsv --out {out}",
+                     ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "scan-n-boot-huge": (
+        "scan --model {model} --pairs {d}/pairs.tsv --n-boot 10000000 --out {out}",
+        ["n_boot must be <= 1000000"]),
     "train-pairs-missing": ("train --model {model} --pairs {d}/nope.tsv --layer 2 --out {out}",
                             ["nope.tsv", "cannot read"]),
     "train-pairs-unreadable": ("train --model {model} --pairs {d}/dir.tsv --layer 2 --out {out}",
@@ -357,6 +414,21 @@ BAD_INPUT = {
     "train-resume-not-a-training-dir": ("train --resume {d}/adir",
                                         ["adir", "not a training directory"]),
     # tli evaluate
+    "train-no-negatives": ("train --model {model} --layer 2 --pairs {d}/same.tsv --out {out}",
+                           ["same.tsv", "training has no negatives"]),
+    "train-leakage": ("train --model {model} --layer 2 --pairs {d}/leaky.tsv --out {out}",
+                      ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "train-adapt-layers-outside": (
+        "train --model {model} --layer 2 --adapt-layers 9 --out {out}",
+        ["adapt_layers: block 9 is outside 0..3"]),
+    "train-temperature-inf": ("train --model {model} --layer 2 --temperature inf --out {out}",
+                              ["temperature must be a finite number, got inf"]),
+    "train-batch-size-huge": ("train --model {model} --layer 2 --batch-size 1000000000 --out {out}",
+                              ["batch_size must be <= 65536"]),
+    "train-existing-run": ("train --model {model} --layer 2 --out {adapter}/..",
+                           ["already holds a training run", "--resume"]),
+    "train-pairs-fifo": ("train --model {model} --layer 2 --pairs {s}/fifo.tsv --out {out}",
+                         ["fifo.tsv", "not a regular file"]),
     "evaluate-adapter-missing": ("evaluate --adapter {d}/nope --pairs {d}/split.tsv --out {out}",
                                  ["adapter", "nope", "no such directory"]),
     "evaluate-adapter-a-file": ("evaluate --adapter {d}/afile --pairs {d}/split.tsv --out {out}",
@@ -399,13 +471,49 @@ BAD_INPUT = {
         "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/afile/e",
         ["afile", "not a directory"]),
     # tli plot
+    "evaluate-existing-evaluation": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {results}/eval",
+        ["eval", "already holds an evaluation (evaluation.json)", "--overwrite"]),
+    "evaluate-out-foreign-directory": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/notrun --overwrite",
+        ["notrun", "holds no evaluation.json", "or to overwrite it"]),
+    "evaluate-seed-negative": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --seed -1 --out {out}",
+        ["seed must be an integer >= 0, got -1"]),
+    "evaluate-leakage": ("evaluate --adapter {adapter} --pairs {d}/leaky.tsv --out {out}",
+                         ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "evaluate-adapter-renamed-tensors": (
+        "evaluate --adapter {damaged}/renamed --pairs {d}/split.tsv --out {out}",
+        ["renamed", "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight "
+         "is missing", "loads completely or not at all"]),
+    "evaluate-adapter-without-lora-b": (
+        "evaluate --adapter {damaged}/no-lora-b --pairs {d}/split.tsv --out {out}",
+        ["tensor base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight is missing"]),
+    "evaluate-adapter-one-layer-missing": (
+        "evaluate --adapter {damaged}/one-layer-missing --pairs {d}/split.tsv --out {out}",
+        ["tensor base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight is missing"]),
+    "evaluate-adapter-rank-mismatch": (
+        "evaluate --adapter {damaged}/rank-mismatch --pairs {d}/split.tsv --out {out}",
+        ["lora_A.weight has shape [16, 32], but its config and the model imply [8, 32]"]),
+    "evaluate-adapter-bad-peft-type": (
+        "evaluate --adapter {damaged}/bad-peft-type --pairs {d}/split.tsv --out {out}",
+        ["adapter_config.json: peft_type 'NOPE' is not supported"]),
+    # tli probe
+    "probe-out-holds-other-results": (
+        "probe --adapter {adapter} --pairs {d}/split.tsv --out {results}/eval",
+        ["eval", "holds no probe.json (it is not a probe)"]),
+    "probe-adapter-one-layer-missing": (
+        "probe --adapter {damaged}/one-layer-missing --pairs {d}/split.tsv --out {out}",
+        ["layers.1.self_attn.q_proj.lora_A.weight is missing", "probed only in part"]),
+    "probe-n-huge": ("probe --adapter {adapter} --pairs {d}/split.tsv --n 1000000 --out {out}",
+                     ["n must be <= 65536"]),
     "plot-missing": ("plot {d}/nope", ["nope", "no such directory"]),
     "plot-a-file": ("plot {d}/afile", ["afile", "not a directory"]),
     "plot-no-results": ("plot {d}/adir", ["adir", "no results to plot"]),
 }  # fmt: skip
 
 #: The commands as docs/reliability.md names them, by the case ids' first word.
-COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "plot")
+COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "probe", "plot")
 
 
 def _argv(template, **values):
@@ -415,11 +523,12 @@ def _argv(template, **values):
 @pytest.mark.parametrize(("template", "needles"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_input_is_one_line_exit_2(
     run_cli, tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter,
-    template, needles,
+    special, damaged, results, template, needles,
 ):  # fmt: skip
     out = tmp_path / "out"
     argv = _argv(template, d=inputs, model=tiny_model_dir, other=other_model_dir, out=out,
-                 adapter=adapter, corrupt=corrupt_adapter)  # fmt: skip
+                 adapter=adapter, corrupt=corrupt_adapter, s=special, damaged=damaged,
+                 results=results)  # fmt: skip
     before = sorted(p.name for p in inputs.iterdir())
     code, _, err = run_cli(*argv)
     assert_user_error(code, err, *needles)

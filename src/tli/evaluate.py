@@ -48,7 +48,15 @@ from tli.adapters import (
     model_facts,
     read_adapter,
 )
-from tli.config import check_int, check_one_of, check_range, check_unit
+from tli.config import (
+    MAX_BATCH,
+    MAX_RESAMPLES,
+    check_int,
+    check_one_of,
+    check_range,
+    check_seed,
+    check_unit,
+)
 from tli.embed import POOLINGS, Pooling
 from tli.errors import TLIError, first_line
 from tli.io import nan_from_null
@@ -128,12 +136,14 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_one_of("pooling", self.pooling, POOLINGS)
-        for name, low in (("batch_size", 1), ("n_boot", 1), ("csls_k", 1), ("n_examples", 0)):
-            check_int(name, getattr(self, name), low)
-        check_int("seed", self.seed)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("n_boot", self.n_boot, 1, MAX_RESAMPLES)
+        check_int("csls_k", self.csls_k, 1, MAX_BATCH)
+        check_int("n_examples", self.n_examples, 0, MAX_BATCH)
+        check_seed("seed", self.seed)
         check_unit("level", self.level)
         check_unit("alpha", self.alpha)
-        check_range("collapse_ratio", self.collapse_ratio, 0.0, lo_open=True)
+        check_range("collapse_ratio", self.collapse_ratio, 0.0, 100.0, lo_open=True)
         check_one_of("verdict_retrieval", self.verdict_retrieval, RETRIEVALS)
 
 

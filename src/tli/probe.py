@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from tli.adapters import attached, check_adapter, check_base, is_identity, model_facts, read_adapter
-from tli.config import check_int
+from tli.config import MAX_BATCH, check_int, check_seed
 from tli.errors import TLIError
 from tli.generate import generate, generate_answers
 from tli.io import ensure_dir, nan_from_null
@@ -165,16 +165,16 @@ class ProbeConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("n", 1),
-            ("max_new_tokens", 1),
-            ("score_n", 0),
-            ("shots", 0),
-            ("score_max_new_tokens", 1),
-            ("batch_size", 1),
+        for name, low, high in (
+            ("n", 1, MAX_BATCH),
+            ("max_new_tokens", 1, 4096),
+            ("score_n", 0, MAX_BATCH),
+            ("shots", 0, 256),
+            ("score_max_new_tokens", 1, 4096),
+            ("batch_size", 1, MAX_BATCH),
         ):
-            check_int(name, getattr(self, name), low)
-        check_int("seed", self.seed)
+            check_int(name, getattr(self, name), low, high)
+        check_seed("seed", self.seed)
         templates = tuple(self.templates)
         object.__setattr__(self, "templates", templates)
         unknown = [t for t in templates if t not in TEMPLATES]

@@ -93,14 +93,46 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from tli.console import third_party_routed
+
     try:
-        return int(args.func(args) or 0)
+        with third_party_routed():
+            code = int(args.func(args) or 0)
+        try:
+            if sys.stdout is not None:  # None when tli was started with stdout closed
+                sys.stdout.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:  # stdout is a full disk (> /dev/full) or closed (>&-)
+            _stdout_closed()
+            raise TLIError(f"stdout: cannot write: {err.strerror or err}") from None
+        return code
     except TLIError as err:
         print(f"tli: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tli: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``tli pairs check FILE | head -3``): stop quietly.
+
+    What could not be printed is dropped; stdout is pointed at /dev/null so that Python's own
+    flush at exit does not fail again. Exit code 141 (128 + SIGPIPE), as a shell reports a
+    command that a closed pipe stopped.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no file descriptor (e.g. captured in tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

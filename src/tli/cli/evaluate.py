@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tli.cli.options import (
     adapter_command,
     add_adapter_arguments,
+    add_out_arguments,
     add_pair_arguments,
+    check_out,
+    replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, EvalConfig
@@ -29,19 +31,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tli evaluate``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
-    )
+    add_out_arguments(p, "eval", "evaluation")
     add_dataclass_arguments(p, EvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli evaluate``; returns the exit code."""
+    import time
+
     from tli.evaluate import evaluate
+    from tli.models import load_model
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
-    info, sets, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out)
+    check_out(args.out, JSON_NAME, "an evaluation", args.overwrite)
+    info, sets, model_cfg = adapter_command(args, "the evaluation")
+    with replacing_out(args.out, "evaluate", JSON_NAME, "an evaluation", args.overwrite):
+        start = time.perf_counter()
+        loaded = load_model(model_cfg)
+        load_s = time.perf_counter() - start
+        result = evaluate(loaded, info.dir, sets, cfg, args.out)
     print("\n".join(result.verdict_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")

@@ -79,6 +79,12 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from tli.config import check_seed
+
+    try:
+        check_seed("--seed", args.seed)
+    except TLIError as err:
+        raise TLIError(f"tli pairs split: {err}") from None
     pairs = _read_args(args, args.file)
     split = split_pairs(pairs, control_fraction=args.control_fraction, seed=args.seed)
     sets = split_sets(split)
