@@ -9,6 +9,7 @@ its traceback and exits 1.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import shlex
@@ -849,3 +850,92 @@ def test_docs_config_md_is_current():
         "print(config_reference(), end=\"\")' "
         "> docs/config.md"
     )
+
+
+# --- stdout and stderr: pipes, full disks, third-party notices ---------------------------------
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(inputs):
+    """`tli pairs check FILE | head -3` ended with a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tli", "pairs", "check", str(inputs / "pairs.tsv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env(),
+    )  # fmt: skip
+    proc.stdout.close()  # the reader is gone before tli writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_a_full_stdout_is_one_line(inputs):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tli", "pairs", "check", str(inputs / "pairs.tsv")],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=python_env(), timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "tli: error: stdout: cannot write: No space left on device\n"
+
+
+#: Runs `tli ARGV` on a machine whose CPU reports AVX512-BF16: bitsandbytes then logs
+#: "Failed to load CPU gemm_4bit_forward from kernels-community" on import (peft imports it).
+AVX512_BF16 = r"""
+import importlib.abc, importlib.util, sys
+
+class Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.cextension":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        self.real, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):
+        self.real.exec_module(module)
+
+        class Lib:
+            def __init__(self, lib):
+                self._lib = lib
+
+            def __getattr__(self, name):
+                return getattr(self._lib, name)
+
+            def has_avx512bf16_cpu(self):
+                return True
+
+        module.lib = Lib(module.lib)
+
+sys.meta_path.insert(0, Patch())
+from tli.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed")  # fmt: skip
+def test_third_party_notices_become_tli_debug_lines(tmp_path, tiny_model_dir, inputs):
+    """bitsandbytes' import notice reached stderr in every model-loading command; now every
+    stderr line is tli's own, and the notice is a `tli: debug:` line under `tli -v`."""
+    argv = ["train", "--model", str(tiny_model_dir), "--pairs", str(inputs / "pairs.tsv"),
+            "--layer", "2", "--epochs", "1"]  # fmt: skip
+    for verbose in ([], ["-v"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", AVX512_BF16, *verbose, *argv, "--out",
+             str(tmp_path / f"t{len(verbose)}")],
+            capture_output=True, text=True, env=python_env(), timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert all(line.startswith("tli: ") for line in lines), proc.stderr
+        notice = [line for line in lines if "gemm_4bit_forward" in line]
+        if verbose:
+            assert len(notice) == 1 and notice[0].startswith(
+                "tli: debug: bitsandbytes.backends.cpu.ops: Failed to load CPU gemm_4bit_forward")
+        else:
+            assert notice == []

@@ -95,18 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from tli.console import third_party_routed
 
+    stdout = sys.stdout
     try:
+        if stdout is not None:  # None when tli was started with stdout closed
+            sys.stdout = _Stdout(stdout)
         with third_party_routed():
             code = int(args.func(args) or 0)
-        try:
-            if sys.stdout is not None:  # None when tli was started with stdout closed
-                sys.stdout.flush()
-        except BrokenPipeError:
-            raise
-        except OSError as err:  # stdout is a full disk (> /dev/full) or closed (>&-)
-            _stdout_closed()
-            raise TLIError(f"stdout: cannot write: {err.strerror or err}") from None
+        if stdout is not None:
+            sys.stdout.flush()
         return code
+    except _StdoutFailed as failed:  # stdout is a full disk (> /dev/full) or a bad device
+        _stdout_closed()
+        print(f"tli: error: stdout: cannot write: {failed.reason}", file=sys.stderr)
+        return 2
     except TLIError as err:
         print(f"tli: error: {one_line(str(err))}", file=sys.stderr)
         return 2
@@ -115,6 +116,46 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _stdout_closed()
+    finally:
+        if stdout is not None and isinstance(sys.stdout, _Stdout):
+            sys.stdout = stdout
+
+
+class _StdoutFailed(Exception):
+    """Writing to stdout failed (not a closed pipe); ``reason`` is the OS's words."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err)
+        self.reason = err.strerror or str(err)
+
+
+class _Stdout:
+    """stdout for the duration of a command: a failed write becomes :class:`_StdoutFailed`.
+
+    So a full disk behind ``> FILE`` is told apart from an internal error (a plain OSError).
+    """
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:  # noqa: D102
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _StdoutFailed(err) from None
+
+    def flush(self) -> None:  # noqa: D102
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _StdoutFailed(err) from None
+
+    def __getattr__(self, name: str) -> typing.Any:
+        return getattr(self._stream, name)
 
 
 def _stdout_closed() -> int:
