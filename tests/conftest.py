@@ -271,6 +271,7 @@ def inputs(tmp_path_factory):
         "unknown_preset.toml": 'preset = "nope"\n',
         "bad_pooling.toml": 'pooling = "max"\n',
         "ok.toml": "[train]\nepochs = 1\n",
+        "obj.json": '{"swahili": "maji", "english": "water"}',
         "dup.json": '[{"swahili": "maji", "english": "water", "english": "wet"}]',
         "dup.jsonl": '{"swahili": "maji", "english": "water"}\n'
         '{"swahili": "moto", "english": "fire", "swahili": "joto"}\n',
@@ -385,6 +386,7 @@ DAMAGE = {
                                                  if ".layers.1." not in k}),  # fmt: skip
     "rank-mismatch": dict(config={"r": 8}),
     "bad-peft-type": dict(config={"peft_type": "NOPE"}),
+    "integer-weights": dict(weights=lambda w: {k: v.to(torch.int64) for k, v in w.items()}),
 }
 
 

@@ -242,6 +242,8 @@ BAD_INPUT = {
                                   ["--resume continues a run and --overwrite replaces it"]),
     "run-rerun-changed-without-resume": ("run --model {model} --rerun-changed --out {out}",
                                          ["--rerun-changed goes with --resume DIR"]),
+    "run-device-malformed": ("run --model {model} --set model.device=cuda:abc --out {out}",
+                             ["[model] device must be cpu, cuda, cuda:N or auto, got 'cuda:abc'"]),
     "pairs-check-missing": ("pairs check {d}/nope.tsv", ["nope.tsv", "cannot read"]),
     "pairs-check-unreadable": ("pairs check {d}/dir.tsv", ["dir.tsv", "cannot read"]),
     "pairs-check-not-utf8": ("pairs check {d}/latin1.tsv", ["latin1.tsv", "line 2", "not UTF-8"]),
@@ -268,6 +270,10 @@ BAD_INPUT = {
                                        ["dup.json", "record 1", 'field "english" appears twice']),
     "pairs-check-duplicate-key-jsonl": ("pairs check {d}/dup.jsonl",
                                         ["dup.jsonl", "line 2", 'field "swahili" appears twice']),
+    "pairs-check-json-object": ("pairs check {d}/obj.json",
+                                ["obj.json", "expected a JSON list of objects, found an object"]),
+    "pairs-split-out-is-a-fifo": ("pairs split {d}/pairs.tsv --out {s}/fifo.tsv",
+                                  ["fifo.tsv", "exists and is not a regular file"]),
     "pairs-split-seed-negative": ("pairs split {d}/pairs.tsv --seed -1 --out {out}.tsv",
                                   ["--seed must be an integer >= 0, got -1"]),
     "pairs-split-missing": ("pairs split {d}/nope.tsv --out {out}.tsv",
@@ -316,6 +322,8 @@ BAD_INPUT = {
                                  ["adir", "is a directory"]),
     "embed-out-under-a-file": ("embed --model {model} --out {d}/afile/v.safetensors maji",
                                ["afile", "not a directory"]),
+    "embed-out-is-a-fifo": ("embed --model {model} --out {s}/fifo.tsv maji",
+                            ["fifo.tsv", "exists and is not a regular file"]),
     # tli scan
     "scan-pairs-missing": ("scan --model {model} --pairs {d}/nope.tsv --out {out}",
                            ["nope.tsv", "cannot read"]),
@@ -500,6 +508,9 @@ BAD_INPUT = {
         "evaluate --adapter {damaged}/bad-peft-type --pairs {d}/split.tsv --out {out}",
         ["adapter_config.json: peft_type 'NOPE' is not supported"]),
     # tli probe
+    "evaluate-adapter-integer-weights": (
+        "evaluate --adapter {damaged}/integer-weights --pairs {d}/split.tsv --out {out}",
+        ["lora_A.weight holds int64 values; LoRA weights are floating point"]),
     "probe-out-holds-other-results": (
         "probe --adapter {adapter} --pairs {d}/split.tsv --out {results}/eval",
         ["eval", "holds no probe.json (it is not a probe)"]),

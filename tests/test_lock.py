@@ -41,6 +41,7 @@ WRITERS = {
     "evaluate": "evaluate --adapter {adapter} --pairs {d}/split.tsv --n-boot 20 --out {out}",
     "probe": "probe --adapter {adapter} --pairs {d}/split.tsv --n 1 --out {out}",
     "sweep": "sweep --grid {grid} --out {out}",
+    "plot": "plot {out}",
 }
 
 

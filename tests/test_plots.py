@@ -35,3 +35,28 @@ def test_plot_when_figures_is_a_file(run_cli, tmp_path, results):
     (run / "figures").write_text("x")
     code, _, err = run_cli("plot", run)
     assert_user_error(code, err, "figures", "exists and is not a directory")
+
+
+@pytest.mark.parametrize("name", ["config.toml", "scan/scan.json", "eval/evaluation.json",
+                                  "eval/pairs.csv"])  # fmt: skip
+def test_plot_never_reads_a_fifo(tmp_path, results, name):
+    """Reading a FIFO blocks until a writer comes. tli reads only regular files: a FIFO in
+    place of a results file counts as absent (exit 0, what is there is drawn) or is named in
+    one line; the command never hangs."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import python_env
+
+    run = tmp_path / "run"
+    shutil.copytree(results, run)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    proc = subprocess.run([sys.executable, "-m", "tli", "plot", str(run)], capture_output=True,
+                          text=True, env=python_env(), timeout=300)  # fmt: skip
+    if proc.returncode == 0:
+        assert all(line.startswith("tli: ") for line in proc.stderr.splitlines()), proc.stderr
+    else:
+        assert_user_error(proc.returncode, proc.stderr, name.split("/")[-1],
+                          "not a regular file")

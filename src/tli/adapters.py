@@ -204,7 +204,12 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
     if not weights:
         raise TLIError(f"adapter {path}: {ADAPTER_WEIGHTS} holds no weights")
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            raise TLIError(
+                f"adapter {path}: weight {name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                "values; LoRA weights are floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
             raise TLIError(f"adapter {path}: weight {name} holds NaN or infinity")
     raw = {name: tuple(t.shape) for name, t in weights.items()}
     shapes = {name.removeprefix(_PEFT_PREFIX): shape for name, shape in raw.items()}

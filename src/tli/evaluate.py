@@ -465,10 +465,16 @@ class EvalResult:
         """Read an evaluation back from its directory (``evaluation.json`` and ``pairs.csv``)."""
         path = Path(directory)
         reading = path / JSON_NAME
+        from tli.io import read_text
+
         try:
-            data = json.loads(reading.read_text(encoding="utf-8"))
+            if not reading.exists():
+                raise FileNotFoundError
+            data = json.loads(read_text(reading))  # regular files only: a FIFO would block
             reading = path / CSV_NAME
-            rows = list(csv.DictReader(io.StringIO(reading.read_text(encoding="utf-8"))))
+            if not reading.exists():
+                raise FileNotFoundError
+            rows = list(csv.DictReader(io.StringIO(read_text(reading))))
         except FileNotFoundError:
             raise TLIError(f"{path}: {reading.name} is missing (not an evaluation?)") from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error) as err:

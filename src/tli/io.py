@@ -56,6 +56,7 @@ def atomic_open(path: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO
         raise TLIError(f"{path}: cannot write: {err}") from None
     if path.is_dir():
         raise TLIError(f"{path}: is a directory, cannot write a file there")
+    _check_replaceable(path)
     try:
         perms = path.stat().st_mode & 0o777 if path.is_file() else 0o666 & ~current_umask()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
@@ -124,7 +125,21 @@ def check_out_file(path: Path | str) -> None:
     path = Path(path)
     if path.is_dir():
         raise TLIError(f"{path}: is a directory, cannot write a file there")
+    _check_replaceable(path)
     _check_creatable(path, "it")
+
+
+def _check_replaceable(path: Path) -> None:
+    """Refuse to put a file in place of a device, FIFO or socket (``--out /dev/full``)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # nothing there (or nothing readable): the write itself reports it
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise TLIError(f"{path}: exists and is not a regular file (a device, FIFO or socket); "
+                       "tli replaces only regular files")
 
 
 def current_umask() -> int:

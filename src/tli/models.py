@@ -108,7 +108,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_one_of("dtype", self.dtype, tuple(DTYPES))
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+        index = self.device.removeprefix("cuda:")
+        cuda_n = index != self.device and index.isdigit()
+        if not (self.device in ("cpu", "cuda", "auto") or cuda_n):
             raise TLIError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not str(self.name).strip():
             raise TLIError("model name is empty")

@@ -246,7 +246,8 @@ def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     except (ValueError, RecursionError) as err:
         raise _bad(name, None, f"bad JSON: {err}") from None
     if not isinstance(data, list):
-        raise _bad(name, None, f"expected a JSON list of objects, found {type(data).__name__}")
+        kind = "an object" if isinstance(data, dict) else type(data).__name__
+        raise _bad(name, None, f"expected a JSON list of objects, found {kind}")
     for i, rec in enumerate(data, start=1):
         _no_repeats(rec, name, f"record {i}")
         yield f"record {i}", rec

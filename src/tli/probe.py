@@ -679,9 +679,11 @@ class ProbeResult:
 def _read_result(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TLIError(f"{path}: no such file (has the probe run?)")
+    from tli.io import read_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(read_text(path))  # a regular file only: a FIFO would block
+    except (ValueError, RecursionError) as err:
         raise TLIError(f"{path}: cannot read: {err}") from None
     if not isinstance(data, dict) or "config" not in data:
         raise TLIError(f"{path}: not a tli probe result")

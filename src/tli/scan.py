@@ -255,11 +255,13 @@ class ScanResult:
         """Read a scan back from its directory (``scan.json``; the CSV is derived from it)."""
         path = Path(directory)
         path = path / JSON_NAME if path.is_dir() else path
+        from tli.io import read_text
+
+        if not path.exists():
+            raise TLIError(f"{path}: no such file (not a scan directory?)")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TLIError(f"{path}: no such file (not a scan directory?)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(read_text(path))  # a regular file only: a FIFO would block
+        except (ValueError, RecursionError) as err:
             raise TLIError(f"{path}: cannot read: {err}") from None
         try:
             if data.get("stage") != "scan":

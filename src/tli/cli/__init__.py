@@ -106,19 +106,27 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except _StdoutFailed as failed:  # stdout is a full disk (> /dev/full) or a bad device
         _stdout_closed()
-        print(f"tli: error: stdout: cannot write: {failed.reason}", file=sys.stderr)
+        _say(f"tli: error: stdout: cannot write: {failed.reason}")
         return 2
     except TLIError as err:
-        print(f"tli: error: {one_line(str(err))}", file=sys.stderr)
+        _say(f"tli: error: {one_line(str(err))}")
         return 2
     except KeyboardInterrupt:
-        print("tli: interrupted", file=sys.stderr)
+        _say("tli: interrupted")
         return 130
     except BrokenPipeError:
         return _stdout_closed()
     finally:
         if stdout is not None and isinstance(sys.stdout, _Stdout):
             sys.stdout = stdout
+
+
+def _say(line: str) -> None:
+    """Print ``line`` on stderr; when stderr is closed (``2>&-``) there is nowhere to say it."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class _StdoutFailed(Exception):
