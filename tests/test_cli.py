@@ -826,7 +826,9 @@ def test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model(
 
 def test_docs_reliability_md_is_current():
     """Every test docs/reliability.md names exists; every bad-input case is listed there."""
-    from test_plots import DAMAGED_RESULTS
+    from test_lock import WRITERS
+    from test_pipeline import LATE_ERRORS
+    from test_plots import DAMAGED_RESULTS, FIFO_RESULTS
 
     doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     sources = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py")}
@@ -835,6 +837,10 @@ def test_docs_reliability_md_is_current():
         "test_out_directory_not_writable": UNWRITABLE,
         "test_plot_of_damaged_results": DAMAGED_RESULTS,
         "test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model": FUZZED,
+        "test_a_full_disk_during_a_command_is_one_line_exit_2": ("train", "run"),
+        "test_every_command_that_writes_a_directory_holds_a_lock": WRITERS,
+        "test_overwrite_with_an_error_found_late_keeps_the_complete_run": LATE_ERRORS,
+        "test_plot_never_reads_a_fifo": FIFO_RESULTS,
     }
     reference = r"(?:tests/(test_\w+\.py)::)?(?<![/\w])(test_\w+)\b(?!\.py)(\[[^\]`]+\])?"
     named = re.findall(reference, doc)

@@ -37,8 +37,11 @@ def test_plot_when_figures_is_a_file(run_cli, tmp_path, results):
     assert_user_error(code, err, "figures", "exists and is not a directory")
 
 
-@pytest.mark.parametrize("name", ["config.toml", "scan/scan.json", "eval/evaluation.json",
-                                  "eval/pairs.csv"])  # fmt: skip
+#: Results files replaced by a FIFO in `test_plot_never_reads_a_fifo`.
+FIFO_RESULTS = ("config.toml", "scan/scan.json", "eval/evaluation.json", "eval/pairs.csv")
+
+
+@pytest.mark.parametrize("name", FIFO_RESULTS)
 def test_plot_never_reads_a_fifo(tmp_path, results, name):
     """Reading a FIFO blocks until a writer comes. tli reads only regular files: a FIFO in
     place of a results file counts as absent (exit 0, what is there is drawn) or is named in
