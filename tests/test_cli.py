@@ -666,14 +666,21 @@ REAL_STDERR = [
     "evaluate-adapter-other-model",
     "pairs-check-bad-json",
     "plot-no-results",
+    "run-target-modules-unknown",
+    "run-no-negatives",
+    "evaluate-adapter-one-layer-missing",
+    "evaluate-adapter-rank-mismatch",
+    "probe-adapter-one-layer-missing",
+    "train-no-negatives",
 ]
 
 
 def test_real_stderr_holds_only_the_error_line(
-    tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter
-):
+    tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter, special,
+    damaged, results,
+):  # fmt: skip
     values = dict(d=inputs, model=tiny_model_dir, other=other_model_dir, adapter=adapter,
-                  corrupt=corrupt_adapter)  # fmt: skip
+                  corrupt=corrupt_adapter, s=special, damaged=damaged, results=results)  # fmt: skip
     cases = [_argv(BAD_INPUT[c][0], out=tmp_path / f"out{i}", **values)
              for i, c in enumerate(REAL_STDERR)]  # fmt: skip
     proc = subprocess.run(
