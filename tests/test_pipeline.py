@@ -421,6 +421,22 @@ def test_resume_refuses_settings_changed_under_an_unfinished_training(finished_r
     assert trained["margin"] == 0.3
 
 
+
+def test_a_resume_needs_no_original_pair_file(finished_run, tmp_path, monkeypatch):
+    """Once the pairs stage is done, a resume checks (and trains on) the run's own copy."""
+    import tli.pipeline.runner
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "report.html").unlink()
+
+    def gone(cfg):
+        raise AssertionError("the original pair file was read")
+
+    monkeypatch.setattr(tli.pipeline.runner, "load_sets", gone)
+    assert main(["run", "--resume", str(run)]) == 0
+    assert (run / "report.html").is_file()
+
 # --- locks and file modes ---------------------------------------------------------------------
 
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
-        parser.print_help()
+        _say("tli: error: no command given (`tli --help` lists them)")
         return 2
     from tli.console import third_party_routed
 

@@ -343,7 +343,7 @@ class Runner:
         write_report(self.run_dir)
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, saved: Path | None = None) -> None:
     """Check a run's inputs before anything is written: pairs, model, device, training settings.
 
     Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
@@ -353,12 +353,22 @@ def preflight(cfg: RunConfig) -> None:
     settings against the model: a set layer against its depth, loss layers, adapted blocks,
     target modules, and that the trained pairs give negatives. A layer left to the scan is
     checked as the deepest one here, and again, once chosen, before training starts.
+
+    Args:
+        cfg: The run config.
+        saved: A resumed run's ``pairs/pairs.tsv``: its pairs stage is done, so the trained
+            pairs come from there (the original pair file is no longer needed).
     """
     from tli import surgery
     from tli.models import check_loadable, load_config, load_tokenizer, meta_model
     from tli.train import check_pairs, check_trainable, load_depth
 
-    sets = load_sets(cfg)
+    if saved is not None:
+        from tli.pairs import read_pairs, split_sets
+
+        trained, where = split_sets(read_pairs(saved))["trained"], str(saved)
+    else:
+        trained, where = load_sets(cfg).trained, cfg.pairs.file or "the bundled lexicon"
     name = cfg.model.name
     check_loadable(cfg.model)
     _, config = load_config(name, trust_remote_code=cfg.model.trust_remote_code)
@@ -368,7 +378,7 @@ def preflight(cfg: RunConfig) -> None:
     needs_target = train.loss_layers is None or "target" in train.loss_layers
     if train.layer is None and needs_target:
         train = dataclasses.replace(train, layer=n)  # the scan chooses; any layer must fit
-    check_pairs(sets.trained, cfg.pairs.file or "the bundled lexicon")
+    check_pairs(trained, where)
     try:
         depth = load_depth(train, n)
     except TLIError as err:
@@ -428,9 +438,9 @@ def run_pipeline(
                     "give no other config options"
                 )
             cfg = saved
-            preflight(cfg)
             remove_leftovers(run_dir)
             runner = Runner(cfg, run_dir, progress=progress)
+            preflight(cfg, run_dir / "pairs" / "pairs.tsv" if runner.done("pairs") else None)
             _check_changes(runner, rerun_changed)
             if not (run_dir / "environment.json").is_file():
                 atomic_write_json(run_dir / "environment.json", environment(cfg))
