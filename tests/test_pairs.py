@@ -787,9 +787,9 @@ def test_one_leakage_rule_for_every_command(run_cli, inputs, tiny_model_dir, tmp
     """Related control pairs are an error in every command that reads pair sets (as in
     `tli pairs check`), reported once; `--allow-overlap` (`pairs.allow_overlap` in a run)
     turns the error into a single warning."""
-    from conftest import assert_user_error
-
     from tli.pairs import load_sets
+
+    from conftest import assert_user_error
 
     sets = load_sets(inputs / "leaky.tsv")
     assert len(sets.leaks) == 1
