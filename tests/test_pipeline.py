@@ -326,6 +326,23 @@ def test_overwrite_puts_the_previous_run_back_when_the_new_one_fails_before_vali
     assert load_run_config(run / "config.toml").train.seed == 1
 
 
+def test_a_new_run_that_fails_its_checks_leaves_nothing_behind(
+    tiny_model_dir, small_pairs, tmp_path, capsys, monkeypatch
+):
+    """A check that needs the scan (the chosen layer) fails after the run directory was
+    created: it is removed again (a half-made directory was left before)."""
+    import tli.pipeline.runner
+
+    def fail(self):
+        raise TLIError("[train] adapt_layers: block 3 is at or above the deepest loss layer 2")
+
+    monkeypatch.setattr(tli.pipeline.runner.Runner, "_train", fail)
+    run = tmp_path / "new" / "run"
+    code = main(quick_run_argv(tiny_model_dir, small_pairs, run))
+    assert_user_error(code, capsys.readouterr().err, "adapt_layers: block 3")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_overwrite_is_undone_by_the_next_command(finished_run, tmp_path, capsys):
     """A kill after the previous run was set aside, before the new one passed its checks:
     the next tli command in the directory puts the previous run back."""

@@ -452,21 +452,35 @@ def run_pipeline(
             if not overwrite:
                 refuse_existing(run_dir)
             aside = SetAside(run_dir, keep=(LOCK,))
+        checked = []
+
+        def validated() -> None:
+            checked.append(True)
+            if aside is not None:
+                aside.discard()
+                log.info("%s: the previous run is replaced", run_dir)
+
         try:
             atomic_write_text(run_dir / "config.toml", to_toml(cfg))
             atomic_write_json(run_dir / "environment.json", environment(cfg))
-            validated = None
-            if aside is not None:
-                def validated() -> None:
-                    aside.discard()
-                    log.info("%s: the previous run is replaced", run_dir)
             Runner(cfg, run_dir, progress=progress, validated=validated).run()
-        except BaseException:
+        except BaseException as err:
             if aside is not None and not aside.done:
                 aside.restore()
                 log.warning("%s: the previous run is back in place", run_dir)
+            elif isinstance(err, TLIError) and not checked:
+                _clear(run_dir)  # a new run that failed its checks leaves nothing behind
             raise
     return run_dir
+
+
+def _clear(run_dir: Path) -> None:
+    """Delete everything in ``run_dir`` but its lock."""
+    import shutil
+
+    for child in run_dir.iterdir():
+        if child.name != LOCK:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
 def _check_changes(runner: Runner, rerun_changed: bool) -> None:
