@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tli.cli.options import (
     adapter_and_model,
     adapter_command,
     add_adapter_arguments,
+    add_out_arguments,
     add_pair_arguments,
     add_plan_argument,
+    check_out,
+    replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, EvalConfig
@@ -32,16 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tli evaluate``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
-    )
+    add_out_arguments(p, "eval", "evaluation")
     add_dataclass_arguments(p, EvalConfig)
     add_plan_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli evaluate``; returns the exit code."""
+    import time
+
     from tli.evaluate import evaluate
+    from tli.models import load_model
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
     if args.plan:
@@ -52,8 +55,13 @@ def run(args: argparse.Namespace) -> int:
         config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
         note = "the adapter runs unmerged on 4-bit weights" if mcfg.load_in_4bit else ""
         return print_plan([model_stage("evaluate", mcfg, config, note=note)], mcfg.device)
-    info, sets, languages, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
+    check_out(args.out, JSON_NAME, "an evaluation", args.overwrite)
+    info, sets, languages, model_cfg = adapter_command(args, "the evaluation")
+    with replacing_out(args.out, "evaluate", JSON_NAME, "an evaluation", args.overwrite):
+        start = time.perf_counter()
+        loaded = load_model(model_cfg)
+        load_s = time.perf_counter() - start
+        result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
     print("\n".join(result.verdict_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")
