@@ -152,7 +152,7 @@ def test_validation_split_trains_on_the_rest_and_ranks_on_it(tiny_model_dir, tmp
     from tli.pairs import read_pairs
 
     path = _grid(tmp_path, tiny_model_dir, "validation = 0.3\nperplexity = true")
-    text = path.read_text().replace('seed = [0, 1]', 'seed = [0]')
+    text = path.read_text().replace("seed = [0, 1]", "seed = [0]")
     text = text.replace('loss_layers = ["target", "final"]', 'loss_layers = ["final"]')
     path.write_text(text)
     grid = read_grid(path)
@@ -184,9 +184,8 @@ def test_validation_split_trains_on_the_rest_and_ranks_on_it(tiny_model_dir, tmp
     md = (out / "sweep.md").read_text()
     assert "on the validation split" in md and "| val P@1 centred | trained P@1 centred |" in md
     rows = list(csv.DictReader((out / "sweep.csv").open()))
-    assert {"validation_p_at_1_s2t_centered", "trained_p_at_1_s2t_centered", "ppl_sw_change"} <= set(
-        rows[0]
-    )
+    wanted = {"validation_p_at_1_s2t_centered", "trained_p_at_1_s2t_centered", "ppl_sw_change"}
+    assert wanted <= set(rows[0])
     # Another validation share changes the trained pairs: every cell trains again.
     grid2 = read_grid(path)
     grid2 = type(grid2)(

@@ -252,9 +252,11 @@ def read_grid(path: Path) -> Grid:
 
 
 def _sets(sweep: SweepConfig) -> dict[str, list]:
-    """The sweep's sets (:func:`tli.pairs.load_sets`): trained, control and, with
-    ``validation``, the validation part carved out of the trained pairs (the cells train on the
-    rest, which is then ``trained``)."""
+    """The sweep's sets (:func:`tli.pairs.load_sets`): trained, control and validation.
+
+    With ``validation``, the validation part is carved out of the trained pairs; the cells train
+    on the rest, which is then ``trained``.
+    """
     from tli.pairs import load_sets, split_pairs, split_sets
 
     sets = load_sets(Path(sweep.pairs) if sweep.pairs else None)
@@ -263,7 +265,9 @@ def _sets(sweep: SweepConfig) -> dict[str, list]:
     out = sets.as_dict()
     if sweep.validation > 0:
         parts = split_sets(
-            split_pairs(out["trained"], control_fraction=sweep.validation, seed=sweep.validation_seed)
+            split_pairs(
+                out["trained"], control_fraction=sweep.validation, seed=sweep.validation_seed
+            )
         )
         if len(parts["trained"]) < 2 or len(parts["control"]) < 2:
             raise TLIError(
@@ -598,8 +602,11 @@ SET_FIGURES = ("p_at_1_s2t_nn", "p_at_1_s2t_csls", "p_at_1_s2t_centered", "margi
 
 
 def ranking_key(metric: str, sweep: SweepConfig) -> str:
-    """The summary key a sweep ranks by: the validation figure when there is a validation
-    split (control never drives a choice then), else the control figure."""
+    """The summary key a sweep ranks by.
+
+    The validation figure when there is a validation split (control never drives a choice
+    then), else the control figure.
+    """
     return f"validation_{metric}" if sweep.validation > 0 else metric
 
 
@@ -608,8 +615,11 @@ def _extra_sets(records: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def to_csv(records: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> str:
-    """One row per cell: axes, training time, control figures before and after; then the
-    trained and validation sets' figures after training, and perplexity changes, when scored."""
+    """One row per cell: axes, training time, control figures before and after.
+
+    Then the trained and validation sets' figures after training, and the perplexity changes,
+    when they were scored.
+    """
     buf = io.StringIO()
     extra = _extra_sets(records)
     ppl = [c for c in ("sw", "en") if all(c in r.get("perplexity", {}) for r in records)]
@@ -691,5 +701,3 @@ def summarise(
 
 
 # --- command line -------------------------------------------------------------------------
-
-
