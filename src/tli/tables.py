@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 # --- small formatters ----------------------------------------------------------------------------
 
-
 def _signed_percent(value: float) -> str:
     """A change already in percent, signed, e.g. -18.43%."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+.2f}%"
@@ -338,7 +337,8 @@ def eval_markdown(result: EvalResult) -> str:
         else "training layer unknown (no tli_adapter.json)"
     )
     chance = ", ".join(
-        f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}" for name, s in result.sets.items()
+        f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}"
+        for name, s in result.sets.items()
     )
     lines = [
         f"# Evaluation: `{result.model['name']}` + adapter `{result.adapter['dir']}`",
