@@ -455,3 +455,29 @@ def test_update_running_mean():
         update_running_mean(first, y, momentum=0.0)
     with pytest.raises(ValueError, match="hidden size"):
         update_running_mean(first[:3], y)
+
+
+def test_state_drift_is_relative_and_ignores_padding():
+    from tli.losses import state_drift
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(state_drift(ref.clone(), ref, mask)) == 0.0
+    assert float(state_drift(2 * ref, ref, mask)) == pytest.approx(1.0)  # moved by its own size
+    noisy = ref.clone()
+    noisy[0, 3:] = 1e6  # padding holds garbage
+    assert float(state_drift(noisy, ref, mask)) == 0.0
+    # against a slow loop over real tokens
+    moved = ref + 0.1 * torch.randn_like(ref)
+    num = sum(float(((moved[b, t] - ref[b, t]) ** 2).sum()) for b in range(2) for t in range(5)
+              if mask[b, t])  # fmt: skip
+    den = sum(float((ref[b, t] ** 2).sum()) for b in range(2) for t in range(5) if mask[b, t])
+    assert float(state_drift(moved, ref, mask)) == pytest.approx(num / den, rel=1e-5)
+    grad = torch.zeros_like(ref, requires_grad=True)
+    state_drift(ref + grad, ref + 1, mask).backward()
+    assert grad.grad[0, 3:].abs().sum() == 0 and grad.grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no real token"):
+        state_drift(ref, ref, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"must be \(B, T, D\)"):
+        state_drift(ref[0], ref[0], mask)

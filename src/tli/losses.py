@@ -373,6 +373,41 @@ def alignment(anchor: Tensor, positive: Tensor, alpha: float = 2) -> Tensor:
     return torch.linalg.vector_norm(a - p, dim=-1).pow(alpha).mean()
 
 
+def state_drift(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """Preservation loss: how far a model's per-token states moved from a frozen reference.
+
+    Optimises ``sum_t ||h_t - r_t||^2 / sum_t ||r_t||^2`` over the real tokens t of a batch of
+    running text: the relative squared distance of the adapted model's hidden states ``h`` from
+    the base model's ``r`` (feature distillation, as in FitNets, Romero et al. 2015, here towards
+    the model's own frozen self). At the final layer the LM head reads these states, so keeping
+    them close keeps the next-token distribution close without computing the V-sized logits. 0
+    when nothing moved; 1 when the states moved as far as their own size.
+
+    Args:
+        states: (B, T, D) states of the adapted model (with grad).
+        reference: (B, T, D) states of the frozen model on the same batch.
+        mask: (B, T) attention mask, 1 for real tokens (padding is ignored).
+
+    Returns:
+        Scalar tensor with grad.
+
+    Raises:
+        ValueError: Shapes differ, or the mask has no real token.
+    """
+    if states.dim() != 3 or states.shape != reference.shape or mask.shape != states.shape[:2]:
+        raise ValueError(
+            f"state_drift: states and reference must be (B, T, D) and mask (B, T), got "
+            f"{tuple(states.shape)}, {tuple(reference.shape)} and {tuple(mask.shape)}"
+        )
+    keep = mask.bool()  # (B, T)
+    if not bool(keep.any()):
+        raise ValueError("state_drift: the mask has no real token")
+    dtype = _working_dtype(states)
+    h = states.to(dtype)[keep]  # (n, D)
+    r = reference.to(dtype)[keep]  # (n, D)
+    return (h - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # centring
 
