@@ -172,6 +172,8 @@ def test_validation_split_trains_on_the_rest_and_ranks_on_it(tiny_model_dir, tmp
         }  # fmt: skip
         for name in ("validation", "trained"):
             assert 0 <= r[name]["post"]["p_at_1_s2t_centered"] <= 1
+        hits = r["hits_s2t_centered"]
+        assert len(hits) == 4 and sum(hits) / 4 == r["post"]["p_at_1_s2t_centered"]
         assert set(r["perplexity"]) == {"sw", "en"}
         change = r["perplexity"]["sw"]
         assert change["lo"] <= change["change"] <= change["hi"] and change["change"] != 0

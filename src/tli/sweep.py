@@ -396,9 +396,21 @@ def run_cell(
         "final_loss": info["final_loss"],
         **figures,
         **scored,
+        # per control pair, whether centred retrieval ranks its translation first (s2t, final
+        # layer): for paired comparisons with other retrievers on the same pairs
+        "hits_s2t_centered": _centred_hits(post, sets["control"]),
     }
     atomic_write_json(cell_dir / "cell.json", record)
     return record
+
+
+def _centred_hits(vectors: tuple, pairs: Sequence[Any]) -> list[int]:
+    """1 where centred nearest-neighbour retrieval (s2t) ranks pair i's translation first."""
+    from tli.metrics import centered_report
+    from tli.pairs import gold_mask
+
+    ranks = centered_report(vectors[0][0], vectors[1][0], gold_mask(pairs))["rank_centered"]
+    return [int(r == 1) for r in ranks.tolist()]
 
 
 def _same_pairs(train_dir: Path, pairs: Sequence[Any]) -> bool:
