@@ -505,3 +505,41 @@ def test_preservation_texts_errors_and_bundled_ones(tmp_path):
         preserve_texts(str(tmp_path / "missing.txt"))
     with pytest.raises(TLIError, match="preserve_weight"):
         TrainConfig(preserve_weight=-1.0)
+
+
+def test_lexicon_negatives_train_sources_against_the_frozen_targets(tiny_model_dir, tmp_path):
+    import csv
+
+    from tli.embed import embed_strings
+    from tli.metrics import centered_report
+    from tli.pairs import gold_mask
+
+    cfg = TrainConfig(
+        layer=2, loss="info_nce", negatives="lexicon", center="batch", temperature=0.1,
+        **{**FAST, "epochs": 6},
+    )  # fmt: skip
+    loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    train(loaded, PAIRS, cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))
+    first = sum(float(r["loss"]) for r in rows[:3]) / 3
+    last = sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < first
+    meta = json.loads((tmp_path / "run" / "final" / "tli_adapter.json").read_text())
+    assert meta["negatives"] == "lexicon"
+    # Source words retrieve the frozen model's targets better than before training.
+    base = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    sources, targets = [p.source for p in PAIRS], [p.target for p in PAIRS]
+    bank = embed_strings(base.model, base.tokenizer, targets, [2], num_layers=4)[0]
+    before = embed_strings(base.model, base.tokenizer, sources, [2], num_layers=4)[0]
+    tuned = PeftModel.from_pretrained(base.model, tmp_path / "run" / "final")
+    after = embed_strings(tuned, base.tokenizer, sources, [2], num_layers=4)[0]
+    gold = gold_mask(PAIRS)
+    mrr = [float(centered_report(v, bank, gold)["mrr_centered"]) for v in (before, after)]
+    assert mrr[1] > mrr[0]
+    for bad, needle in (
+        (dict(loss="triplet_hardest"), "needs loss = info_nce"),
+        (dict(loss="info_nce", center="running"), "center = batch or none"),
+        (dict(loss="info_nce", negatives="sideways"), "negatives"),
+    ):
+        with pytest.raises(TLIError, match=needle):
+            TrainConfig(**{"negatives": "lexicon", **bad})

@@ -44,6 +44,7 @@ from tli.losses import (
     LossOutput,
     contrastive_objective,
     get_loss,
+    lexicon_info_nce,
     state_drift,
     update_running_mean,
 )
@@ -55,6 +56,7 @@ LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Center = Literal["none", "batch", "running"]
 PrefixCacheMode = Literal["auto", "on", "off"]
+Negatives = Literal["batch", "lexicon"]
 LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
 
 
@@ -152,6 +154,14 @@ class TrainConfig:
             "(default: every block below the deepest loss layer). tli"
         },
     )
+    negatives: Negatives = field(
+        default="batch",
+        metadata={
+            "help": "batch (the other pairs of the batch, paper) or lexicon: each source word "
+            "against the frozen model's vectors of every trained target (tli.losses."
+            "lexicon_info_nce; info_nce only, source->target, one process). tli"
+        },
+    )
     preserve_weight: float = field(
         default=0.0,
         metadata={
@@ -225,6 +235,13 @@ class TrainConfig:
         check_range("center_momentum", self.center_momentum, 0.0, 1.0, lo_open=True)
         check_range("uniformity_weight", self.uniformity_weight, 0.0)
         check_range("uniformity_t", self.uniformity_t, 0.0, lo_open=True)
+        check_one_of("negatives", self.negatives, ("batch", "lexicon"))
+        if self.negatives == "lexicon" and self.loss != "info_nce":
+            raise TLIError(f"negatives = lexicon needs loss = info_nce, got {self.loss!r}")
+        if self.negatives == "lexicon" and (self.center == "running" or self.uniformity_weight):
+            raise TLIError(
+                "negatives = lexicon takes center = batch or none and no uniformity term"
+            )
         check_range("preserve_weight", self.preserve_weight, 0.0)
         check_range("preserve_batch", self.preserve_batch, 1)
         if self.adapt_layers is not None:
@@ -529,6 +546,7 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "center": cfg.center,
         "uniformity_weight": cfg.uniformity_weight,
         "preserve_weight": cfg.preserve_weight,
+        "negatives": cfg.negatives,
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
@@ -772,6 +790,7 @@ def train(
         )
     cache_seconds = time.perf_counter() - cache_start
     preserve = _preserve_batches(model, tok, cfg, loaded.num_layers, accelerator)
+    bank = _target_bank(model, tok, pairs, cfg, the_plan, loaded.num_layers, world)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -799,7 +818,9 @@ def train(
             local = _local_rows(index, accelerator)
             if world > 1:
                 index = index[: (len(index) // world) * world]
-            texts = [pairs[i].source for i in local] + [pairs[i].target for i in local]
+            texts = [pairs[i].source for i in local]
+            if bank is None:
+                texts += [pairs[i].target for i in local]
             enc = tokenize(tok, texts, accelerator.device)
             with accelerator.autocast(), _from_cache(model, cache, texts, enc):
                 vec = pooled(
@@ -810,10 +831,15 @@ def train(
                     pooling=cfg.pooling,
                 )  # (L, 2b, D)
             b = len(local)
-            anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D) each
-            positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
-            gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
-            out = objective(cfg, anchors, positives, gold, the_plan.loss_weights, state.running)
+            if bank is not None:
+                out = _bank_objective(cfg, vec, bank, index, the_plan.loss_weights)
+            else:
+                anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D)
+                positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
+                gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
+                out = objective(
+                    cfg, anchors, positives, gold, the_plan.loss_weights, state.running
+                )
             if preserve:
                 enc_text, reference = preserve[state.step % len(preserve)]
                 with accelerator.autocast():
@@ -938,6 +964,70 @@ def preserve_texts(path: str | None = None) -> list[str]:
             raise TLIError(f"preserve_texts {name}: no sentence")
         texts += lines
     return texts
+
+
+def _target_bank(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    the_plan: TrainPlan,
+    n: int,
+    world: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For ``negatives = lexicon``: the frozen model's target vectors and the gold mask.
+
+    Returns ``(bank, gold)``: (L, P, D) pooled vectors of every pair's target at each loss layer,
+    computed once with the adapters disabled, and the (P, P) gold mask of the pairs; None for
+    ``negatives = batch``.
+    """
+    if cfg.negatives != "lexicon":
+        return None
+    if world > 1:
+        raise TLIError("negatives = lexicon runs in one process")
+    from tli.embed import embed_strings
+
+    device = next(model.parameters()).device
+    with model.disable_adapter():
+        bank = embed_strings(
+            model,
+            tok,
+            [p.target for p in pairs],
+            list(the_plan.loss_layers),
+            num_layers=n,
+            pooling=cfg.pooling,
+            progress=False,
+        )  # (L, P, D)
+    return bank.to(device), gold_mask(list(pairs)).to(device)
+
+
+def _bank_objective(
+    cfg: TrainConfig,
+    vec: torch.Tensor,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    index: Sequence[int],
+    weights: Sequence[float],
+) -> LossOutput:
+    """The weighted :func:`tli.losses.lexicon_info_nce` over the loss layers of one batch."""
+    vectors, gold = bank
+    rows = torch.as_tensor(list(index), device=gold.device)
+    outs = [
+        lexicon_info_nce(
+            vec[i].float(),
+            vectors[i],
+            rows,
+            gold[rows],
+            temperature=cfg.temperature,
+            center=cfg.center == "batch",
+        )
+        for i in range(vec.shape[0])
+    ]
+    total = sum(weights)
+    return LossOutput(
+        sum(w * o.loss for w, o in zip(weights, outs, strict=True)),
+        sum(w * o.pos_sim for w, o in zip(weights, outs, strict=True)) / total,
+        sum(w * o.neg_sim for w, o in zip(weights, outs, strict=True)) / total,
+    )
 
 
 def _preserve_batches(
