@@ -77,7 +77,9 @@ def test_sweep_writes_outputs_and_resumes(tiny_model_dir, tmp_path, monkeypatch)
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(tli.train, "train", boom)
+    stamp = (out / "base.safetensors").stat().st_mtime_ns
     assert len(run_sweep(grid, out)) == 8
+    assert (out / "base.safetensors").stat().st_mtime_ns == stamp  # base figures reused
     # Removing one cell's record re-runs that cell only (from its finished training).
     (out / "cells" / cell.name / "cell.json").unlink()
     assert len(run_sweep(grid, out)) == 8
@@ -197,6 +199,7 @@ def test_validation_split_trains_on_the_rest_and_ranks_on_it(tiny_model_dir, tmp
     )
     again = run_sweep(grid2, out)
     assert all(r["split"]["validation"] == 0.5 for r in again)
+    assert json.loads((out / "base.json").read_text())["validation"] > 2  # recomputed
     for r in again:
         trained_on = read_pairs(out / "cells" / r["name"] / "train" / "pairs.tsv")
         assert len(trained_on) == r["split"]["trained_pairs"] < 6

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -473,10 +474,28 @@ def _done(cell: Cell, sweep_dir: Path, sweep: SweepConfig) -> dict[str, Any] | N
     return record
 
 
+def _base_settings(sweep: SweepConfig, sets: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """What the base figures depend on: kept in base.json, to reuse them on a re-run."""
+    return {
+        "model": sweep.model,
+        "pooling": sweep.pooling,
+        "n_boot": sweep.n_boot,
+        "perplexity": sweep.perplexity,
+        "pairs": {k: [[p.source, p.target, *p.alternatives] for p in v] for k, v in sets.items()},
+    }
+
+
 def _base_figures(sweep: SweepConfig, sweep_dir: Path, base: Any) -> dict[str, Any]:
     from tli.io import atomic_write_safetensors
 
     sets = _sets(sweep)
+    settings = _base_settings(sweep, sets)
+    digest = hashlib.blake2b(json.dumps(settings).encode(), digest_size=16).hexdigest()
+    saved = sweep_dir / "base.json"
+    if saved.is_file() and (sweep_dir / "base.safetensors").is_file():
+        record = json.loads(saved.read_text())
+        if record.get("settings") == digest:
+            return record  # the same model, pooling and sets: nothing to recompute
     src, tgt = _control_vectors(
         base.model, base.tokenizer, sets["control"], base.num_layers, sweep.pooling
     )
@@ -517,6 +536,7 @@ def _base_figures(sweep: SweepConfig, sweep_dir: Path, base: Any) -> dict[str, A
         "num_layers": base.num_layers,
         **figures,
         "sets": scored,
+        "settings": digest,
     }
     atomic_write_json(sweep_dir / "base.json", record)
     return record
