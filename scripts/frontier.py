@@ -72,17 +72,19 @@ def main(argv: list[str] | None = None) -> None:
     if with_ppl:
         panels.append(("ppl", "largest perplexity change (sw, en)", args.ppl_goal))
     for ax, (key, ylabel, goal) in zip(axes, panels, strict=True):
-        for q in points:
+        for i, q in enumerate(points):
             marked = args.mark is not None and q["label"] == args.mark
             y = 100 * q[key] if key == "ppl" else q[key]
             ax.scatter(q["control"], y, s=80 if marked else 30, marker="*" if marked else "o",
                        color="C3" if marked else "C0", zorder=3)  # fmt: skip
             ax.annotate(q["label"].replace("objective=", ""), (q["control"], y), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+                        xytext=(4, 4 - 10 * (i % 2)), textcoords="offset points")  # fmt: skip
         if args.control_goal is not None:
             ax.axvline(args.control_goal, color="grey", ls="--", lw=0.8)
         if goal is not None:
             ax.axhline(100 * goal if key == "ppl" else goal, color="grey", ls="--", lw=0.8)
+        if key == "ppl":
+            ax.set_yscale("symlog", linthresh=10)  # +2% and +2000% on one axis
         ax.set_xlabel("control P@1 (centred, final layer)")
         ax.set_ylabel(ylabel + (" (%)" if key == "ppl" else ""))
         ax.grid(alpha=0.3)
