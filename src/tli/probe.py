@@ -51,7 +51,15 @@ from typing import Any
 
 import numpy as np
 
-from tli.adapters import attached, check_adapter, check_base, is_identity, model_facts, read_adapter
+from tli.adapters import (
+    attached,
+    check_adapter,
+    check_base,
+    is_identity,
+    model_facts,
+    quantization_note,
+    read_adapter,
+)
 from tli.config import check_int
 from tli.errors import TLIError
 from tli.generate import generate, generate_answers
@@ -105,8 +113,6 @@ class ProbeConfig:
         default=TEMPLATES,
         metadata={"help": f"probe templates to run, comma-separated: {', '.join(TEMPLATES)}"},
     )
-    src_lang: str = field(default="Swahili", metadata={"help": "name of the source language"})
-    tgt_lang: str = field(default="English", metadata={"help": "name of the target language"})
     template_s2t: str = field(
         default="Translate the {src_lang} word into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:",
         metadata={"help": "probe template: direct translation, source -> target"},
@@ -183,9 +189,6 @@ class ProbeConfig:
                 f"templates must be distinct names among {', '.join(TEMPLATES)}, got "
                 f"{','.join(templates) or 'none'}"
             )
-        for lang in ("src_lang", "tgt_lang"):
-            if not isinstance(getattr(self, lang), str) or not getattr(self, lang).strip():
-                raise TLIError(f"{lang} must be a non-empty string")
         for name, (needed, banned) in _PROBE_NEEDS.items():
             found = _placeholders(f"template_{name}", getattr(self, f"template_{name}"))
             _check_fields(f"template_{name}", found, _PROBE_FIELDS)
@@ -434,18 +437,26 @@ def question_and_gold(
     return item.target, tuple(dict.fromkeys([item.source, *gold]))
 
 
+#: The languages a probe names when the caller gives none (the pair config gives them in
+#: ``tli probe`` and ``tli run``: :func:`tli.pairs.load_sets`).
+NO_LANGUAGES = ("source", "target")
+
+
 def fewshot_parts(
-    word: str, shots: Sequence[Any], direction: str, cfg: ProbeConfig
+    word: str,
+    shots: Sequence[Any],
+    direction: str,
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
 ) -> tuple[str, str]:
     """The few-shot prompt asking ``word`` in ``direction``, as (shared prefix, question).
 
     The prefix is the header and the shots (each line ending in a line break); the question is
     :attr:`ProbeConfig.score_shot` cut before ``{answer}`` (trailing spaces dropped), so the
-    answer would follow it.
+    answer would follow it. ``languages`` are the source and target language names.
     """
-    in_lang, out_lang = (
-        (cfg.src_lang, cfg.tgt_lang) if direction == "s2t" else (cfg.tgt_lang, cfg.src_lang)
-    )
+    src_lang, tgt_lang = languages
+    in_lang, out_lang = (src_lang, tgt_lang) if direction == "s2t" else (tgt_lang, src_lang)
     langs = {"in_lang": in_lang, "out_lang": out_lang}
     lines = [cfg.score_header.format(**langs)] if cfg.score_header.strip() else []
     for shot in shots:
@@ -455,15 +466,23 @@ def fewshot_parts(
     return "".join(f"{line}\n" for line in lines), question.rstrip(" ")
 
 
-def fewshot_prompt(word: str, shots: Sequence[Any], direction: str, cfg: ProbeConfig) -> str:
+def fewshot_prompt(
+    word: str,
+    shots: Sequence[Any],
+    direction: str,
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> str:
     """The few-shot prompt asking ``word`` in ``direction`` (:func:`fewshot_parts` joined)."""
-    return "".join(fewshot_parts(word, shots, direction, cfg))
+    return "".join(fewshot_parts(word, shots, direction, cfg, languages))
 
 
-def probe_prompt(name: str, pair: Any, cfg: ProbeConfig) -> str:
-    """Probe template ``name`` filled with one pair."""
+def probe_prompt(
+    name: str, pair: Any, cfg: ProbeConfig, languages: tuple[str, str] = NO_LANGUAGES
+) -> str:
+    """Probe template ``name`` filled with one pair and the two language names."""
     return getattr(cfg, f"template_{name}").format(
-        source=pair.source, target=pair.target, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang
+        source=pair.source, target=pair.target, src_lang=languages[0], tgt_lang=languages[1]
     )
 
 
@@ -475,7 +494,11 @@ def sample(pairs: Sequence[Any], n: int, seed: int, salt: str = "") -> list[Any]
     return [pairs[i] for i in sorted(rng.sample(range(len(pairs)), n))]
 
 
-def probe_rows(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict[str, Any]]:
+def probe_rows(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
     """The probe's prompts: ``n`` sampled pairs per set, each through every template."""
     rows = []
     for name, pairs in sets.items():
@@ -487,13 +510,17 @@ def probe_rows(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict
                         "source": pair.source,
                         "target": pair.target,
                         "template": template,
-                        "prompt": probe_prompt(template, pair, cfg),
+                        "prompt": probe_prompt(template, pair, cfg, languages),
                     }
                 )
     return rows
 
 
-def score_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict[str, Any]]:
+def score_items(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
     """The scored items: up to ``score_n`` per set, both directions, with prompt and gold.
 
     Raises:
@@ -514,7 +541,7 @@ def score_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dic
                 shots = choose_shots(
                     pair, pool, cfg.shots, cfg.seed, direction, order=orders[direction]
                 )
-                prefix, question = fewshot_parts(word, shots, direction, cfg)
+                prefix, question = fewshot_parts(word, shots, direction, cfg, languages)
                 items.append(
                     {
                         "set": name,
@@ -553,6 +580,7 @@ class ProbeResult:
         scores: :func:`summarize_scores` of the items.
         warnings: Doubts raised on the way.
         timings: Seconds per step.
+        languages: The source and target language names (the pair config's).
     """
 
     config: ProbeConfig
@@ -563,6 +591,7 @@ class ProbeResult:
     scores: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    languages: tuple[str, str] = NO_LANGUAGES
 
     @property
     def scored(self) -> bool:
@@ -574,6 +603,7 @@ class ProbeResult:
 
         return {
             "config": to_dict(self.config),
+            "languages": list(self.languages),
             "model": self.model,
             "adapter": self.adapter,
             "warnings": self.warnings,
@@ -617,6 +647,7 @@ class ProbeResult:
                 scores=[nan_from_null(s) for s in scores.get("scores", [])],
                 warnings=list(data.get("warnings", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
+                languages=tuple(data.get("languages", NO_LANGUAGES)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise TLIError(
@@ -624,8 +655,8 @@ class ProbeResult:
             ) from None
 
     def direction_name(self, direction: str) -> str:
-        """``Swahili -> English`` for ``s2t``, the reverse for ``t2s``."""
-        a, b = self.config.src_lang, self.config.tgt_lang
+        """``Swahili -> English`` for ``s2t``, the reverse for ``t2s`` (the run's languages)."""
+        a, b = self.languages
         return f"{a} -> {b}" if direction == "s2t" else f"{b} -> {a}"
 
     def probe_markdown(self) -> str:
@@ -711,6 +742,7 @@ def probe(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     score: bool | None = None,
+    languages: tuple[str, str] = NO_LANGUAGES,
 ) -> ProbeResult:
     """Probe an adapter, and (``score``) score word translation, base vs. tuned.
 
@@ -728,6 +760,7 @@ def probe(
         cfg: Settings (defaults: :class:`ProbeConfig`).
         out_dir: If given, the result is saved there (:meth:`ProbeResult.save`).
         score: Run the scored translation; ``None``: ``cfg.score``.
+        languages: The source and target language names, for prompts and labels.
 
     Returns:
         The :class:`ProbeResult`.
@@ -748,12 +781,16 @@ def probe(
     if out_dir is not None:
         ensure_dir(out_dir)
     notes: list[str] = []
+    mismatch = quantization_note(info, loaded)
+    if mismatch:
+        notes.append(mismatch)
     if is_identity(info):
         notes.append(
             f"adapter {info.dir}: every LoRA B matrix is zero, so the tuned model is the base model"
         )
-    rows = probe_rows(sets, cfg)
-    items = score_items(sets, cfg) if score else []
+    languages = (str(languages[0]), str(languages[1]))
+    rows = probe_rows(sets, cfg, languages)
+    items = score_items(sets, cfg, languages) if score else []
     if score:
         tok = loaded.tokenizer
         long = [
@@ -829,6 +866,7 @@ def probe(
         scores=scores,
         warnings=notes,
         timings=timings,
+        languages=languages,
     )
     timings["metrics_s"] = time.perf_counter() - clock
     timings["n_prompts"] = float(len(rows))
