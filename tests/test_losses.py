@@ -455,3 +455,64 @@ def test_update_running_mean():
         update_running_mean(first, y, momentum=0.0)
     with pytest.raises(ValueError, match="hidden size"):
         update_running_mean(first[:3], y)
+
+
+def test_state_drift_is_relative_and_ignores_padding():
+    from tli.losses import state_drift
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert float(state_drift(ref.clone(), ref, mask)) == 0.0
+    assert float(state_drift(2 * ref, ref, mask)) == pytest.approx(1.0)  # moved by its own size
+    noisy = ref.clone()
+    noisy[0, 3:] = 1e6  # padding holds garbage
+    assert float(state_drift(noisy, ref, mask)) == 0.0
+    # against a slow loop over real tokens
+    moved = ref + 0.1 * torch.randn_like(ref)
+    num = sum(float(((moved[b, t] - ref[b, t]) ** 2).sum()) for b in range(2) for t in range(5)
+              if mask[b, t])  # fmt: skip
+    den = sum(float((ref[b, t] ** 2).sum()) for b in range(2) for t in range(5) if mask[b, t])
+    assert float(state_drift(moved, ref, mask)) == pytest.approx(num / den, rel=1e-5)
+    grad = torch.zeros_like(ref, requires_grad=True)
+    state_drift(ref + grad, ref + 1, mask).backward()
+    assert grad.grad[0, 3:].abs().sum() == 0 and grad.grad[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no real token"):
+        state_drift(ref, ref, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=r"must be \(B, T, D\)"):
+        state_drift(ref[0], ref[0], mask)
+
+
+def test_lexicon_info_nce_matches_a_loop_and_masks_other_glosses():
+    from tli.losses import lexicon_info_nce
+
+    torch.manual_seed(1)
+    anchor, bank = torch.randn(3, 6), torch.randn(5, 6)
+    target = torch.tensor([0, 2, 4])
+    gold = torch.zeros(3, 5, dtype=torch.bool)
+    gold[0, 1] = True  # bank row 1 is another gloss of anchor 0: never a negative
+    out = lexicon_info_nce(anchor, bank, target, gold, temperature=0.1, center=True)
+    a = anchor - anchor.mean(0)
+    k = bank - bank.mean(0)
+    total = 0.0
+    for i in range(3):
+        cos = [float(F.cosine_similarity(a[i], k[j], dim=0)) for j in range(5)]
+        keep = [j for j in range(5) if not (gold[i, j] and j != target[i])]
+        logz = math.log(sum(math.exp(cos[j] / 0.1) for j in keep))
+        total += logz - cos[int(target[i])] / 0.1
+    assert float(out.loss) == pytest.approx(total / 3, rel=1e-5)
+    # raising the masked gloss's score changes nothing for the anchor it belongs to
+    moved = bank.clone()
+    moved[1] = anchor[0] * 5
+    one = (anchor[:1], target[:1], gold[:1])
+    again = lexicon_info_nce(one[0], moved, one[1], one[2], temperature=0.1, center=False)
+    plain = lexicon_info_nce(one[0], bank, one[1], one[2], temperature=0.1, center=False)
+    assert float(again.loss) == pytest.approx(float(plain.loss), rel=1e-6)
+    grad = anchor.clone().requires_grad_(True)
+    lexicon_info_nce(grad, bank.requires_grad_(True), target, gold).loss.backward()
+    assert grad.grad.abs().sum() > 0 and bank.grad is None  # the bank is frozen
+    with pytest.raises(ValueError, match="target must be"):
+        lexicon_info_nce(anchor, bank, target[:2], gold)
+    with pytest.raises(TLIError, match="no negative"):
+        everything = torch.ones(1, 2, dtype=torch.bool)
+        lexicon_info_nce(anchor[:1], bank[:2], torch.tensor([0]), everything)

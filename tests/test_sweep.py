@@ -77,7 +77,9 @@ def test_sweep_writes_outputs_and_resumes(tiny_model_dir, tmp_path, monkeypatch)
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(tli.train, "train", boom)
+    stamp = (out / "base.safetensors").stat().st_mtime_ns
     assert len(run_sweep(grid, out)) == 8
+    assert (out / "base.safetensors").stat().st_mtime_ns == stamp  # base figures reused
     # Removing one cell's record re-runs that cell only (from its finished training).
     (out / "cells" / cell.name / "cell.json").unlink()
     assert len(run_sweep(grid, out)) == 8
@@ -146,3 +148,63 @@ def test_seed_grids_reuse_the_cells_they_extend():
         shared = [c for c in read_grid(EXAMPLES / seeds).cells if c.name in earlier]
         assert shared, (first, seeds)
         assert all(earlier[c.name] == c.train for c in shared)
+
+
+def test_validation_split_trains_on_the_rest_and_ranks_on_it(tiny_model_dir, tmp_path):
+    from tli.pairs import read_pairs
+
+    path = _grid(tmp_path, tiny_model_dir, "validation = 0.3\nperplexity = true")
+    text = path.read_text().replace("seed = [0, 1]", "seed = [0]")
+    text = text.replace('loss_layers = ["target", "final"]', 'loss_layers = ["final"]')
+    path.write_text(text)
+    grid = read_grid(path)
+    out = tmp_path / "sweep"
+    records = run_sweep(grid, out)
+    held = [p for p in read_pairs(out / "validation.tsv") if p.split == "control"]
+    kept = [p for p in read_pairs(out / "validation.tsv") if p.split == "trained"]
+    assert len(held) == 2 and len(kept) == 6
+    held_words = {p.source for p in held}
+    for r in records:
+        cell_dir = out / "cells" / r["name"] / "train"
+        trained_on = {p.source for p in read_pairs(cell_dir / "pairs.tsv")}
+        assert trained_on == {p.source for p in kept} and not trained_on & held_words
+        assert r["split"] == {
+            "validation": 0.3, "validation_seed": 0,
+            "trained_pairs": 6, "control_pairs": 4, "validation_pairs": 2,
+        }  # fmt: skip
+        for name in ("validation", "trained"):
+            assert 0 <= r[name]["post"]["p_at_1_s2t_centered"] <= 1
+        hits = r["hits_s2t_centered"]
+        assert len(hits) == 4 and sum(hits) / 4 == r["post"]["p_at_1_s2t_centered"]
+        assert set(r["perplexity"]) == {"sw", "en"}
+        change = r["perplexity"]["sw"]
+        assert change["lo"] <= change["change"] <= change["hi"] and change["change"] != 0
+    base = json.loads((out / "base.json").read_text())
+    assert base["validation"] == 2 and set(base["sets"]) == {"trained", "validation", "perplexity"}
+    summary = json.loads((out / "sweep.json").read_text())
+    assert summary["ranked_by"] == "validation_p_at_1_s2t_nn"
+    keys = [(r["validation_p_at_1_s2t_nn"][0], r["margin"][0]) for r in summary["ranked"]]
+    assert keys == sorted(keys, reverse=True)
+    md = (out / "sweep.md").read_text()
+    assert "on the validation split" in md and "| val P@1 centred | trained P@1 centred |" in md
+    rows = list(csv.DictReader((out / "sweep.csv").open()))
+    wanted = {"validation_p_at_1_s2t_centered", "trained_p_at_1_s2t_centered", "ppl_sw_change"}
+    assert wanted <= set(rows[0])
+    # Another validation share changes the trained pairs: every cell trains again.
+    grid2 = read_grid(path)
+    grid2 = type(grid2)(
+        sweep=type(grid2.sweep)(**{**grid2.sweep.__dict__, "validation": 0.5}),
+        cells=grid2.cells,
+        axes=grid2.axes,
+    )
+    again = run_sweep(grid2, out)
+    assert all(r["split"]["validation"] == 0.5 for r in again)
+    assert json.loads((out / "base.json").read_text())["validation"] > 2  # recomputed
+    for r in again:
+        trained_on = read_pairs(out / "cells" / r["name"] / "train" / "pairs.tsv")
+        assert len(trained_on) == r["split"]["trained_pairs"] < 6
+
+
+def test_validation_share_is_checked():
+    with pytest.raises(TLIError, match=r"validation must be in \[0, 1\)"):
+        parse_grid({"grid": {"seed": [0]}, "sweep": {"validation": 1.5}})

@@ -549,6 +549,101 @@ def test_train_checks_its_out_directory_before_loading_the_model(
     assert_user_error(code, err, "afile")
 
 
+def _text_drift(base_dir, adapter_dir, texts):
+    """state_drift of the final-layer states on ``texts``: tuned vs base (no grad)."""
+    from tli.embed import hidden_states
+    from tli.losses import state_drift
+
+    base = load_model(ModelConfig(str(base_dir)))
+    enc = tokenize(base.tokenizer, texts)
+    n = base.num_layers
+    with torch.no_grad():
+        ref = hidden_states(base.model, enc["input_ids"], enc["attention_mask"], [n], num_layers=n)
+        tuned = PeftModel.from_pretrained(base.model, adapter_dir)
+        now = hidden_states(tuned, enc["input_ids"], enc["attention_mask"], [n], num_layers=n)
+    return float(state_drift(now[n], ref[n], enc["attention_mask"]))
+
+
+def test_preservation_term_holds_the_states_of_running_text(tiny_model_dir, tmp_path):
+    from tli.train import load_depth, preserve_texts
+
+    texts = tmp_path / "texts.txt"
+    sentences = ["the cat sat on the mat", "we walk to the market", "rain falls at night",
+                 "she reads a book", "mtoto anacheza nje", "mama anapika chakula"]  # fmt: skip
+    texts.write_text("\n".join(sentences) + "\n")
+    drift = {}
+    for weight in (0.0, 100.0):
+        cfg = TrainConfig(
+            layer=2, loss="info_nce", preserve_weight=weight, preserve_texts=str(texts),
+            preserve_batch=3, **FAST,
+        )  # fmt: skip
+        depth = load_depth(cfg, 4)
+        assert depth == (None if weight else 2)  # the term reads the final layer
+        loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=depth)
+        train(loaded, PAIRS, cfg, tmp_path / f"w{weight}", progress=False)
+        drift[weight] = _text_drift(tiny_model_dir, tmp_path / f"w{weight}" / "final", sentences)
+        meta = json.loads((tmp_path / f"w{weight}" / "final" / "tli_adapter.json").read_text())
+        assert meta["preserve_weight"] == weight
+    # The preserving run loads the full model (the final layer) yet adapts only blocks below L.
+    weights = adapter(tmp_path / "w100.0" / "final")
+    assert all(".layers.0." in k or ".layers.1." in k for k in weights)
+    assert 0 < drift[100.0] < 0.5 * drift[0.0], drift
+    assert preserve_texts(str(texts)) == sentences
+
+
+def test_preservation_texts_errors_and_bundled_ones(tmp_path):
+    from tli.perplexity import load_texts
+    from tli.train import preserve_texts
+
+    bundled = preserve_texts()
+    measured = {line for lines in load_texts().values() for line in lines}
+    assert len(bundled) >= 80 and not set(bundled) & measured
+    bad = tmp_path / "bad.txt"
+    bad.write_text("one sentence\n\nanother\n")
+    with pytest.raises(TLIError, match=r"bad.txt: line 2 is blank"):
+        preserve_texts(str(bad))
+    with pytest.raises(TLIError, match=r"missing.txt: cannot read"):
+        preserve_texts(str(tmp_path / "missing.txt"))
+    with pytest.raises(TLIError, match="preserve_weight"):
+        TrainConfig(preserve_weight=-1.0)
+
+
+def test_lexicon_negatives_train_sources_against_the_frozen_targets(tiny_model_dir, tmp_path):
+    import csv
+
+    from tli.embed import embed_strings
+    from tli.metrics import centered_report
+    from tli.pairs import gold_mask
+
+    cfg = TrainConfig(
+        layer=2, loss="info_nce", negatives="lexicon", center="batch", temperature=0.1,
+        **{**FAST, "epochs": 6},
+    )  # fmt: skip
+    loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    train(loaded, PAIRS, cfg, tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))
+    first = sum(float(r["loss"]) for r in rows[:3]) / 3
+    last = sum(float(r["loss"]) for r in rows[-3:]) / 3
+    assert last < first
+    meta = json.loads((tmp_path / "run" / "final" / "tli_adapter.json").read_text())
+    assert meta["negatives"] == "lexicon"
+    # Source words retrieve the frozen model's targets better than before training.
+    base = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    sources, targets = [p.source for p in PAIRS], [p.target for p in PAIRS]
+    bank = embed_strings(base.model, base.tokenizer, targets, [2], num_layers=4)[0]
+    before = embed_strings(base.model, base.tokenizer, sources, [2], num_layers=4)[0]
+    tuned = PeftModel.from_pretrained(base.model, tmp_path / "run" / "final")
+    after = embed_strings(tuned, base.tokenizer, sources, [2], num_layers=4)[0]
+    gold = gold_mask(PAIRS)
+    mrr = [float(centered_report(v, bank, gold)["mrr_centered"]) for v in (before, after)]
+    assert mrr[1] > mrr[0]
+    for bad, needle in (
+        (dict(loss="triplet_hardest"), "needs loss = info_nce"),
+        (dict(loss="info_nce", center="running"), "center = batch or none"),
+        (dict(loss="info_nce", negatives="sideways"), "negatives"),
+    ):
+        with pytest.raises(TLIError, match=needle):
+            TrainConfig(**{"negatives": "lexicon", **bad})
 # --- training curves: trackers ----------------------------------------------------------------
 
 

@@ -302,6 +302,72 @@ def info_nce(
     return LossOutput(loss, pos.detach().mean(), hardest[valid].detach().mean())
 
 
+def lexicon_info_nce(
+    anchor: Tensor,
+    bank: Tensor,
+    target: Tensor,
+    gold: Tensor,
+    temperature: float = 0.05,
+    center: bool = True,
+) -> LossOutput:
+    """InfoNCE of each anchor against a fixed bank of every target of the lexicon.
+
+    Optimises ``-log softmax_j(cos(a_i, b_j) / temperature)[target_i]`` over all C bank rows j
+    that are not another correct translation of anchor i (those are masked, never negatives):
+    the cross-entropy of retrieving a source word's translation among the whole target list,
+    which is what source->target P@1 measures. The bank holds the frozen model's target vectors
+    (no gradient), so every target of the lexicon is a negative at every step (the "memory
+    bank" of Wu et al. 2018 and He et al. 2020, MoCo, here fixed) at the cost of one pass per
+    source word. With ``center`` the anchors are centred by their batch mean and the bank by its
+    own mean before the cosine, as centred retrieval (:func:`tli.metrics.centered_similarity`)
+    does.
+
+    Args:
+        anchor: (B, D) source-word vectors (with grad).
+        bank: (C, D) target vectors of the frozen model, C >= 2.
+        target: (B,) int64 index of each anchor's own translation in the bank.
+        gold: (B, C) bool, True where bank row j is a correct translation of anchor i (the
+            ``target`` column is taken as gold whatever it holds).
+        temperature: Softmax temperature; lower sharpens the distribution.
+        center: Centre both sides before the cosine.
+
+    Returns:
+        LossOutput: ``pos_sim`` the mean cosine to the own target, ``neg_sim`` the mean cosine
+        of each anchor's hardest non-gold bank row.
+
+    Raises:
+        ValueError: Shapes disagree.
+        TLIError: No bank row is a negative for some anchor.
+    """
+    if anchor.dim() != 2 or bank.dim() != 2 or anchor.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"lexicon_info_nce: anchor (B, D) and bank (C, D) needed, got {tuple(anchor.shape)} "
+            f"and {tuple(bank.shape)}"
+        )
+    b, c = anchor.shape[0], bank.shape[0]
+    if target.shape != (b,) or gold.shape != (b, c):
+        raise ValueError(
+            f"lexicon_info_nce: target must be ({b},) and gold ({b}, {c}), got "
+            f"{tuple(target.shape)} and {tuple(gold.shape)}"
+        )
+    dtype = _working_dtype(anchor)
+    a = anchor.to(dtype)  # (B, D)
+    k = bank.detach().to(dtype)  # (C, D)
+    if center:
+        a = a - a.mean(0, keepdim=True)
+        k = k - k.mean(0, keepdim=True)
+    sims = F.normalize(a, dim=-1) @ F.normalize(k, dim=-1).T  # (B, C)
+    own = F.one_hot(target, c).bool()  # (B, C)
+    others = gold.to(sims.device).bool() & ~own  # (B, C) correct but not the target: masked
+    if bool((others | own).all(dim=1).any()):
+        raise TLIError("lexicon_info_nce: an anchor has no negative in the bank")
+    logits = (sims / temperature).masked_fill(others, float("-inf"))  # (B, C)
+    loss = F.cross_entropy(logits, target)
+    pos = sims.gather(1, target[:, None]).squeeze(1)  # (B,)
+    hardest = sims.masked_fill(others | own, float("-inf")).amax(dim=1)  # (B,)
+    return LossOutput(loss, pos.detach().mean(), hardest.detach().mean())
+
+
 # --------------------------------------------------------------------------------------------
 # alignment and uniformity (Wang and Isola 2020)
 
@@ -371,6 +437,41 @@ def alignment(anchor: Tensor, positive: Tensor, alpha: float = 2) -> Tensor:
     a = F.normalize(anchor.to(dtype), dim=-1)  # (B, D)
     p = F.normalize(positive.to(dtype), dim=-1)  # (B, D)
     return torch.linalg.vector_norm(a - p, dim=-1).pow(alpha).mean()
+
+
+def state_drift(states: Tensor, reference: Tensor, mask: Tensor) -> Tensor:
+    """Preservation loss: how far a model's per-token states moved from a frozen reference.
+
+    Optimises ``sum_t ||h_t - r_t||^2 / sum_t ||r_t||^2`` over the real tokens t of a batch of
+    running text: the relative squared distance of the adapted model's hidden states ``h`` from
+    the base model's ``r`` (feature distillation, as in FitNets, Romero et al. 2015, here towards
+    the model's own frozen self). At the final layer the LM head reads these states, so keeping
+    them close keeps the next-token distribution close without computing the V-sized logits. 0
+    when nothing moved; 1 when the states moved as far as their own size.
+
+    Args:
+        states: (B, T, D) states of the adapted model (with grad).
+        reference: (B, T, D) states of the frozen model on the same batch.
+        mask: (B, T) attention mask, 1 for real tokens (padding is ignored).
+
+    Returns:
+        Scalar tensor with grad.
+
+    Raises:
+        ValueError: Shapes differ, or the mask has no real token.
+    """
+    if states.dim() != 3 or states.shape != reference.shape or mask.shape != states.shape[:2]:
+        raise ValueError(
+            f"state_drift: states and reference must be (B, T, D) and mask (B, T), got "
+            f"{tuple(states.shape)}, {tuple(reference.shape)} and {tuple(mask.shape)}"
+        )
+    keep = mask.bool()  # (B, T)
+    if not bool(keep.any()):
+        raise ValueError("state_drift: the mask has no real token")
+    dtype = _working_dtype(states)
+    h = states.to(dtype)[keep]  # (n, D)
+    r = reference.to(dtype)[keep]  # (n, D)
+    return (h - r).pow(2).sum() / r.pow(2).sum().clamp_min(1e-12)
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ A grid file (TOML) names the model, the shared training values, named objectives
     # pairs = "my_pairs.tsv"    # default: the bundled lexicon and its split
     metric = "p_at_1_s2t_nn"    # what the ranked table sorts by
     jobs = 1                    # cells at once (processes); --jobs overrides
+    # validation = 0.2          # hold out this share of the trained pairs; rank on it
+    # perplexity = true         # each cell's perplexity change on the bundled texts
 
     [train]                     # TrainConfig values shared by every cell
     layer = 10                  # the target layer ('target' in loss_layers)
@@ -28,13 +30,26 @@ Every cell (one value per axis) is trained with :func:`tli.train.train` on the t
 then the control split is embedded at the final layer by the base model (once for the whole
 sweep) and by the base model with the cell's adapter, and compared with
 :func:`tli.evaluate.compare` (margin with bootstrap CI, P@1 NN, CSLS and centred NN, raw cosine,
-the verdict's findings and collapse flag).
+the verdict's findings and collapse flag). The pairs a cell trained on are scored the same way
+(``trained`` in its record: how well the adapter injected them).
+
+**Validation split.** With ``validation = F`` (0 < F < 1), tli's leakage-free split
+(:func:`tli.pairs.split_pairs`, seed ``validation_seed``) holds out a share F of the trained
+pairs, whole groups of related words at a time: cells train on the rest and are also scored on
+the held-out part (``validation`` in the record), and the ranking (sweep.md, the heatmap) uses
+the validation figure. Control figures are still recorded per cell, for the report only: a
+choice made on them would tune to the control set.
+
+**Perplexity.** With ``perplexity = true`` each cell also gets the change of per-token
+perplexity on the bundled everyday texts (:mod:`tli.perplexity`), per language, with its
+paired bootstrap CI.
 
 Sweep directory::
 
     grid.toml        the grid, as given
     base.json        the base model's control figures (computed once)
     cells/NAME/      train/ (the training directory) and cell.json (written last: done)
+    validation.tsv   with validation: the trained pairs, the held-out part marked control
     sweep.csv        one row per cell
     sweep.md         cells ranked by the metric, averaged over seeds with t-intervals
     heatmap.png      the metric per objective (rows) and remaining axes (columns)
@@ -47,6 +62,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import itertools
 import json
@@ -120,6 +136,18 @@ class SweepConfig:
         default=False,
         metadata={"help": "accept control pairs related to trained ones (one warning)"},
     )
+    validation: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of the trained pairs held out as a validation split (whole groups "
+            "of related words); cells train on the rest and are ranked on it. 0: off"
+        },
+    )
+    validation_seed: int = field(default=0, metadata={"help": "seed of the validation split"})
+    perplexity: bool = field(
+        default=False,
+        metadata={"help": "record each cell's perplexity change on the bundled texts"},
+    )
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -130,6 +158,8 @@ class SweepConfig:
             raise TLIError(f"[sweep] jobs must be >= 1, got {self.jobs}")
         check_int("[sweep] jobs", self.jobs, 1, 1024)
         check_int("[sweep] n_boot", self.n_boot, 1, MAX_RESAMPLES)
+        if not 0 <= self.validation < 1:
+            raise TLIError(f"[sweep] validation must be in [0, 1), got {self.validation}")
 
 
 @dataclass(frozen=True)
@@ -240,9 +270,34 @@ def _pair_sets(sweep: SweepConfig) -> Any:
     return sets
 
 
-def _sets(sweep: SweepConfig) -> dict[str, list]:
-    """The sweep's trained and control sets."""
-    return _pair_sets(sweep).as_dict()
+def _sets(sweep: SweepConfig, pair_sets: Any = None) -> dict[str, list]:
+    """The sweep's sets: trained, control and validation.
+
+    With ``validation``, the validation part is carved out of the trained pairs; the cells train
+    on the rest, which is then ``trained``.
+    """
+    from tli.pairs import split_pairs, split_sets
+
+    out = (pair_sets or _pair_sets(sweep)).as_dict()
+    if sweep.validation > 0:
+        parts = split_sets(
+            split_pairs(
+                out["trained"], control_fraction=sweep.validation, seed=sweep.validation_seed
+            )
+        )
+        if len(parts["trained"]) < 2 or len(parts["control"]) < 2:
+            raise TLIError(
+                f"[sweep] validation = {sweep.validation}: the {len(out['trained'])} trained "
+                f"pairs leave {len(parts['control'])} for validation and "
+                f"{len(parts['trained'])} to train on; each needs at least 2"
+            )
+        out["trained"], out["validation"] = parts["trained"], parts["control"]
+    return out
+
+
+def _scored(sweep: SweepConfig) -> tuple[str, ...]:
+    """The sets every cell is scored on, besides control (which is ``pre``/``post``)."""
+    return ("trained", "validation") if sweep.validation > 0 else ("trained",)
 
 
 def check_grid(grid: Grid) -> None:
@@ -336,10 +391,13 @@ def run_cell(
     cell_dir = ensure_dir(sweep_dir / "cells" / cell.name)
     train_dir = cell_dir / "train"
     pair_sets = _pair_sets(sweep)
-    sets = pair_sets.as_dict()
+    sets = _sets(sweep, pair_sets)
     mcfg = ModelConfig(name=sweep.model)
     _, config = load_config(sweep.model)
     n = num_layers(config)
+    if (train_dir / "train.json").exists() and not _same_pairs(train_dir, sets["trained"]):
+        log.info("%s: trained on other pairs (the split changed); training again", cell.name)
+        shutil.rmtree(train_dir)
     resume = latest_checkpoint(train_dir) is not None and not (train_dir / "train.json").exists()
     if train_dir.exists() and not resume and not (train_dir / "train.json").exists():
         shutil.rmtree(train_dir)
@@ -366,30 +424,84 @@ def run_cell(
     if base is None:
         base = load_model(mcfg)
     saved = load_file(sweep_dir / "base.safetensors")
-    pre = (saved["source"], saved["target"])
     adapter = read_adapter(train_dir / "final")
     check_adapter(adapter, base)
+    scored: dict[str, Any] = {}
     with attached(base, adapter, "evaluated") as tuned:
         post = _control_vectors(tuned, base.tokenizer, sets["control"], n, sweep.pooling)
-    figures = _figures(pre, post, sets["control"], sweep)
+        for name in _scored(sweep):
+            vectors = _control_vectors(tuned, base.tokenizer, sets[name], n, sweep.pooling)
+            pre_set = (saved[f"{name}.source"], saved[f"{name}.target"])
+            scored[name] = _figures(pre_set, vectors, sets[name], sweep)
+        if sweep.perplexity:
+            scored["perplexity"] = _perplexity_changes(tuned, base.tokenizer, saved, sweep)
+    figures = _figures((saved["source"], saved["target"]), post, sets["control"], sweep)
     record = {
         "name": cell.name,
         "axes": cell.axes,
         "train": to_dict(cell.train),
+        "split": _split_record(sweep, sets),
         "train_seconds": info["seconds"],
         "steps": info["steps"],
         "final_loss": info["final_loss"],
         **figures,
+        **scored,
+        # per control pair, whether centred retrieval ranks its translation first (s2t, final
+        # layer): for paired comparisons with other retrievers on the same pairs
+        "hits_s2t_centered": _centred_hits(post, sets["control"]),
     }
     atomic_write_json(cell_dir / "cell.json", record)
     return record
 
 
-def _done(cell: Cell, sweep_dir: Path) -> dict[str, Any] | None:
-    """The cell's record when it is finished with this config and every figure of this tli.
+def _centred_hits(vectors: tuple, pairs: Sequence[Any]) -> list[int]:
+    """1 where centred nearest-neighbour retrieval (s2t) ranks pair i's translation first."""
+    from tli.metrics import centered_report
+    from tli.pairs import gold_mask
 
-    A record of an older tli (no centred P@1, no findings) is not done: the cell is evaluated
-    again from its finished training, which is not repeated.
+    ranks = centered_report(vectors[0][0], vectors[1][0], gold_mask(pairs))["rank_centered"]
+    return [int(r == 1) for r in ranks.tolist()]
+
+
+def _same_pairs(train_dir: Path, pairs: Sequence[Any]) -> bool:
+    """Whether ``train_dir`` was trained on exactly ``pairs`` (its ``pairs.tsv``)."""
+    from tli.pairs import read_pairs
+
+    path = train_dir / "pairs.tsv"
+    if not path.is_file():
+        return False
+    done = [(p.source, p.target) for p in read_pairs(path)]
+    return done == [(p.source, p.target) for p in pairs]
+
+
+def _split_record(sweep: SweepConfig, sets: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """The split a cell was trained and scored on (part of its identity)."""
+    return {
+        "validation": sweep.validation,
+        "validation_seed": sweep.validation_seed if sweep.validation > 0 else None,
+        **{f"{k}_pairs": len(v) for k, v in sets.items()},
+    }
+
+
+def _perplexity_changes(model: Any, tokenizer: Any, saved: Mapping[str, Any], sweep: SweepConfig):
+    """Per language, the perplexity change of ``model`` against the base NLLs in ``saved``."""
+    from tli.perplexity import load_texts, perplexity_change, sentence_nll
+
+    out = {}
+    for code, texts in load_texts().items():
+        tuned = sentence_nll(model, tokenizer, texts)
+        base = (saved[f"nll.{code}"].numpy(), saved[f"tokens.{code}"].numpy())
+        out[code] = perplexity_change(base, tuned, n_boot=sweep.n_boot)
+    return out
+
+
+def _done(cell: Cell, sweep_dir: Path, sweep: SweepConfig) -> dict[str, Any] | None:
+    """The cell's record when it is finished with this config, split and every figure asked for.
+
+    A record of an older tli (no centred P@1, no findings, no trained-set figures) or one
+    without the perplexity now asked for is not done: the cell is evaluated again from its
+    finished training, which is not repeated. A record of another validation split is not done
+    either, and its training (on other pairs) is repeated.
     """
     path = sweep_dir / "cells" / cell.name / "cell.json"
     if not path.is_file():
@@ -399,27 +511,81 @@ def _done(cell: Cell, sweep_dir: Path) -> dict[str, Any] | None:
         return None
     if "findings" not in record or not set(FIGURES) <= set(record.get("post", {})):
         return None
+    split = record.get("split") or {}
+    if split.get("validation", 0.0) != sweep.validation or (
+        sweep.validation > 0 and split.get("validation_seed") != sweep.validation_seed
+    ):
+        return None
+    if any(name not in record for name in _scored(sweep)):
+        return None
+    if sweep.perplexity and "perplexity" not in record:
+        return None
     return record
+
+
+def _base_settings(sweep: SweepConfig, sets: Mapping[str, Sequence[Any]]) -> dict[str, Any]:
+    """What the base figures depend on: kept in base.json, to reuse them on a re-run."""
+    return {
+        "model": sweep.model,
+        "pooling": sweep.pooling,
+        "n_boot": sweep.n_boot,
+        "perplexity": sweep.perplexity,
+        "pairs": {k: [[p.source, p.target, *p.alternatives] for p in v] for k, v in sets.items()},
+    }
 
 
 def _base_figures(sweep: SweepConfig, sweep_dir: Path, base: Any) -> dict[str, Any]:
     from tli.io import atomic_write_safetensors
 
     sets = _sets(sweep)
+    settings = _base_settings(sweep, sets)
+    digest = hashlib.blake2b(json.dumps(settings).encode(), digest_size=16).hexdigest()
+    saved = sweep_dir / "base.json"
+    if saved.is_file() and (sweep_dir / "base.safetensors").is_file():
+        record = json.loads(saved.read_text())
+        if record.get("settings") == digest:
+            return record  # the same model, pooling and sets: nothing to recompute
     src, tgt = _control_vectors(
         base.model, base.tokenizer, sets["control"], base.num_layers, sweep.pooling
     )
-    atomic_write_safetensors(
-        sweep_dir / "base.safetensors", {"source": src.contiguous(), "target": tgt.contiguous()}
-    )
+    tensors = {"source": src.contiguous(), "target": tgt.contiguous()}
+    scored: dict[str, Any] = {}
+    for name in _scored(sweep):
+        s, t = _control_vectors(
+            base.model, base.tokenizer, sets[name], base.num_layers, sweep.pooling
+        )
+        tensors[f"{name}.source"], tensors[f"{name}.target"] = s.contiguous(), t.contiguous()
+        scored[name] = _figures((s, t), (s, t), sets[name], sweep)["pre"]
+    if sweep.perplexity:
+        from tli.perplexity import load_texts, perplexity, sentence_nll
+
+        scored["perplexity"] = {}
+        for code, texts in load_texts().items():
+            nll, counts = sentence_nll(base.model, base.tokenizer, texts)
+            tensors[f"nll.{code}"] = torch.from_numpy(nll)
+            tensors[f"tokens.{code}"] = torch.from_numpy(counts)
+            scored["perplexity"][code] = perplexity(nll, counts)
+    atomic_write_safetensors(sweep_dir / "base.safetensors", tensors)
+    if sweep.validation > 0:
+        from tli.pairs import write_pairs
+
+        # validation rows as "control": `tli evaluate --pairs validation.tsv` scores them so
+        write_pairs(
+            [dataclasses.replace(p, split="trained") for p in sets["trained"]]
+            + [dataclasses.replace(p, split="control") for p in sets["validation"]],
+            sweep_dir / "validation.tsv",
+        )
     figures = _figures((src, tgt), (src, tgt), sets["control"], sweep)["pre"]
     record = {
         "model": sweep.model,
         "pooling": sweep.pooling,
         "control": len(sets["control"]),
         "trained": len(sets["trained"]),
+        "validation": len(sets.get("validation", [])),
         "num_layers": base.num_layers,
         **figures,
+        "sets": scored,
+        "settings": digest,
     }
     atomic_write_json(sweep_dir / "base.json", record)
     return record
@@ -459,7 +625,7 @@ def _run_sweep(
     base = load_model(ModelConfig(name=grid.sweep.model))
     base_record = _base_figures(grid.sweep, sweep_dir, base)
     caches: dict = {}  # frozen-prefix caches of this sweep run
-    todo = [c for c in grid.cells if _done(c, sweep_dir) is None]
+    todo = [c for c in grid.cells if _done(c, sweep_dir, grid.sweep) is None]
     log.info(
         "sweep: %d cells, %d done, %d to run (%d at once)",
         len(grid.cells),
@@ -496,12 +662,13 @@ def _run_sweep(
             for future in cf.as_completed(futures):
                 rec = future.result()
                 log.info("cell %s: P@1 %.3f", rec["name"], rec["post"]["p_at_1_s2t_nn"])
-    records = [_done(c, sweep_dir) for c in grid.cells]
+    records = [_done(c, sweep_dir, grid.sweep) for c in grid.cells]
     assert all(r is not None for r in records)
     summary = summarise(records, grid.axes, base_record, grid.sweep.metric)  # type: ignore[arg-type]
+    shown = ranking_key(grid.sweep.metric, grid.sweep)
     atomic_write_text(sweep_dir / "sweep.csv", to_csv(records, grid.axes))  # type: ignore[arg-type]
     atomic_write_text(sweep_dir / "sweep.md", sweep_markdown(summary, base_record, grid))
-    plot_sweep_heatmap(summary, grid.axes, grid.sweep.metric, sweep_dir / "heatmap.png")
+    plot_sweep_heatmap(summary, grid.axes, shown, sweep_dir / "heatmap.png")
     atomic_write_json(
         sweep_dir / "sweep.json",
         {
@@ -509,6 +676,7 @@ def _run_sweep(
             "ran": len(todo),
             "jobs": jobs,
             "seconds": round(time.perf_counter() - start, 1),
+            "ranked_by": shown,
             "ranked": summary,
         },
     )
@@ -518,12 +686,37 @@ def _run_sweep(
 # --- summaries ----------------------------------------------------------------------------
 
 
+#: The figures of each scored set (trained, validation) in sweep.csv and the summary.
+SET_FIGURES = ("p_at_1_s2t_nn", "p_at_1_s2t_csls", "p_at_1_s2t_centered", "margin")
+
+
+def ranking_key(metric: str, sweep: SweepConfig) -> str:
+    """The summary key a sweep ranks by.
+
+    The validation figure when there is a validation split (control never drives a choice
+    then), else the control figure.
+    """
+    return f"validation_{metric}" if sweep.validation > 0 else metric
+
+
+def _extra_sets(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    return [k for k in ("trained", "validation") if all(k in r for r in records)]
+
+
 def to_csv(records: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> str:
-    """One row per cell: axes, training time, control figures before and after."""
+    """One row per cell: axes, training time, control figures before and after.
+
+    Then the trained and validation sets' figures after training, and the perplexity changes,
+    when they were scored.
+    """
     buf = io.StringIO()
+    extra = _extra_sets(records)
+    ppl = [c for c in ("sw", "en") if all(c in r.get("perplexity", {}) for r in records)]
     cols = ["cell", *axes, "train_seconds", "steps", "final_loss", "verdict"]
     cols += ["geometry", "retrieval", "collapse"]
     cols += [f"pre_{k}" for k in LEVELS] + [f"post_{k}" for k in FIGURES]
+    cols += [f"{name}_{k}" for name in extra for k in SET_FIGURES]
+    cols += [f"ppl_{c}_{k}" for c in ppl for k in ("change", "lo", "hi")]
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(cols)
     for r in records:
@@ -531,6 +724,8 @@ def to_csv(records: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> str:
         row += [r["train_seconds"], r["steps"], r["final_loss"], r["verdict"]]
         row += [r["findings"][k] for k in ("geometry", "retrieval", "collapse")]
         row += [r["pre"].get(k) for k in LEVELS] + [r["post"].get(k) for k in FIGURES]
+        row += [r[name]["post"][k] for name in extra for k in SET_FIGURES]
+        row += [r["perplexity"][c][k] for c in ppl for k in ("change", "lo", "hi")]
         writer.writerow(row)
     return buf.getvalue()
 
@@ -551,7 +746,11 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
 def summarise(
     records: Sequence[Mapping[str, Any]], axes: Sequence[str], base: Mapping[str, Any], metric: str
 ) -> list[dict[str, Any]]:
-    """Cells grouped over seeds, ranked by the mean ``metric`` (then the mean margin)."""
+    """Cells grouped over seeds, ranked by the mean ``metric`` (then the mean control margin).
+
+    With validation figures in the records, the ranking uses the validation set's ``metric``
+    (``validation_<metric>`` in each row); the control figures are reported, never ranked by.
+    """
     group_axes = [a for a in axes if a != "seed"]
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in records:
@@ -578,11 +777,16 @@ def summarise(
         row["ratio_vs_base"] = (
             row["p_at_1_s2t_nn"][0] / base["p_at_1_s2t_nn"] if base["p_at_1_s2t_nn"] else None
         )
+        for name in _extra_sets(rs):
+            for fig in SET_FIGURES:
+                row[f"{name}_{fig}"] = mean_ci([r[name]["post"][fig] for r in rs])
+        if all("perplexity" in r for r in rs):
+            for code in rs[0]["perplexity"]:
+                row[f"ppl_{code}"] = mean_ci([r["perplexity"][code]["change"] for r in rs])
         out.append(row)
-    out.sort(key=lambda r: (r[metric][0] if metric in r else 0, r["margin"][0]), reverse=True)
+    key = f"validation_{metric}" if out and f"validation_{metric}" in out[0] else metric
+    out.sort(key=lambda r: (r[key][0] if key in r else 0, r["margin"][0]), reverse=True)
     return out
 
 
 # --- command line -------------------------------------------------------------------------
-
-

@@ -571,8 +571,15 @@ def _ci(v: Sequence[float], spec: str = ".3f") -> str:
 def sweep_markdown(
     summary: Sequence[Mapping[str, Any]], base: Mapping[str, Any], grid: Grid
 ) -> str:
-    """The ranked table (sweep.md)."""
+    """The ranked table (sweep.md).
+
+    With a validation split the rows are ranked by the validation figure, and columns for the
+    validation and trained sets (centred P@1) and the perplexity changes come first.
+    """
     axes = [a for a in grid.axes if a != "seed"]
+    validation = bool(summary) and "validation_p_at_1_s2t_centered" in summary[0]
+    trained = bool(summary) and "trained_p_at_1_s2t_centered" in summary[0]
+    ppl = [c for c in ("sw", "en") if summary and f"ppl_{c}" in summary[0]]
     lines = [
         f"# Sweep: {len(grid.cells)} cells on {base['model']} ({base['pooling']} pooling)",
         "",
@@ -580,6 +587,27 @@ def sweep_markdown(
         " Each row: mean over seeds [95% t-interval over seeds]; `worst margin lo` is the lowest"
         " per-seed bootstrap lower bound of the margin (> 0: every seed's margin CI excludes 0).",
         "",
+    ]
+    if validation:
+        lines += [
+            f"Ranked by `{grid.sweep.metric}` on the validation split: "
+            f"{base.get('validation', '?')} of the trained pairs held out of training "
+            f"(`validation = {grid.sweep.validation}`, seed {grid.sweep.validation_seed}; "
+            f"validation.tsv); the cells trained on the other {base['trained']}. The control "
+            "columns are reported, not ranked by.",
+            "",
+        ]
+    extra_head, extra_cols = "", 0
+    if validation:
+        extra_head += "| val P@1 centred "
+        extra_cols += 1
+    if trained:
+        extra_head += "| trained P@1 centred "
+        extra_cols += 1
+    for code in ppl:
+        extra_head += f"| ppl {code} "
+        extra_cols += 1
+    lines += [
         f"Base model: P@1 s2t NN {p_at_1_ci(base['p_at_1_s2t_nn'], base['control'])}, CSLS "
         f"{base['p_at_1_s2t_csls']:.3f}, centred NN "
         f"{p_at_1_ci(base['p_at_1_s2t_centered'], base['control'])} (95% Wilson),"
@@ -588,17 +616,24 @@ def sweep_markdown(
         " the headline codes over seeds (docs/evaluation.md); `collapse`: seeds whose collapse"
         " flag is raised.",
         "",
-        "| rank | " + " | ".join(axes) + " | seeds | P@1 s2t NN | x base | P@1 s2t CSLS "
-        "| P@1 s2t centred | P@1 t2s NN | margin | worst margin lo | pair cos | baseline "
-        "| train s | verdicts | collapse |",
-        "|" + "---|" * (len(axes) + 14),
+        "| rank | " + " | ".join(axes) + " | seeds " + extra_head + "| P@1 s2t NN | x base "
+        "| P@1 s2t CSLS | P@1 s2t centred | P@1 t2s NN | margin | worst margin lo | pair cos "
+        "| baseline | train s | verdicts | collapse |",
+        "|" + "---|" * (len(axes) + 14 + extra_cols),
     ]
     for i, r in enumerate(summary, 1):
         ratio = f"{r['ratio_vs_base']:.1f}" if r["ratio_vs_base"] is not None else "-"
+        extra = ""
+        if validation:
+            extra += f"{_ci(r['validation_p_at_1_s2t_centered'])} | "
+        if trained:
+            extra += f"{_ci(r['trained_p_at_1_s2t_centered'])} | "
+        for code in ppl:
+            extra += f"{_ci(tuple(100 * x for x in r[f'ppl_{code}']), '+.1f')}% | "
         lines.append(
             f"| {i} | "
             + " | ".join(label(r["axes"][a]) for a in axes)
-            + f" | {r['seeds']} | {_ci(r['p_at_1_s2t_nn'])} | {ratio} | "
+            + f" | {r['seeds']} | {extra}{_ci(r['p_at_1_s2t_nn'])} | {ratio} | "
             f"{_ci(r['p_at_1_s2t_csls'])} | {_ci(r['p_at_1_s2t_centered'])} | "
             f"{_ci(r['p_at_1_t2s_nn'])} | "
             f"{_ci(r['margin'], '+.4f')} | {r['worst_margin_lo']:+.4f} | "

@@ -44,10 +44,18 @@ from tli.config import (
     check_seed,
     to_dict,
 )
-from tli.embed import POOLINGS, pooled, tokenize
+from tli.embed import POOLINGS, hidden_states, pooled, tokenize
 from tli.errors import TLIError, first_line
 from tli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_dir, read_json
-from tli.losses import LOSSES, LossOutput, contrastive_objective, get_loss, update_running_mean
+from tli.losses import (
+    LOSSES,
+    LossOutput,
+    contrastive_objective,
+    get_loss,
+    lexicon_info_nce,
+    state_drift,
+    update_running_mean,
+)
 from tli.pairs import Pair, gold_mask
 
 log = logging.getLogger("tli")
@@ -56,6 +64,7 @@ LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Center = Literal["none", "batch", "running"]
 PrefixCacheMode = Literal["auto", "on", "off"]
+Negatives = Literal["batch", "lexicon"]
 ReportTo = Literal["none", "tensorboard", "mlflow", "wandb"]
 LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
 #: Tracker (``report_to``) -> the package accelerate needs for it.
@@ -162,6 +171,33 @@ class TrainConfig:
             "(default: every block below the deepest loss layer). tli"
         },
     )
+    negatives: Negatives = field(
+        default="batch",
+        metadata={
+            "help": "batch (the other pairs of the batch, paper) or lexicon: each source word "
+            "against the frozen model's vectors of every trained target (tli.losses."
+            "lexicon_info_nce; info_nce only, source->target, one process). tli"
+        },
+    )
+    preserve_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a preservation term: the relative squared distance of the "
+            "final-layer states of running text from the base model's (tli.losses.state_drift), "
+            "against damage to language modelling; 0: off. Loads the full model. tli"
+        },
+    )
+    preserve_texts: str | None = field(
+        default=None,
+        metadata={
+            "help": "text file, one sentence per line, for the preservation term (default: "
+            "the bundled tli/data/preserve_sw.txt and preserve_en.txt, which the perplexity "
+            "check never measures). tli"
+        },
+    )
+    preserve_batch: int = field(
+        default=8, metadata={"help": "sentences per step in the preservation term. tli"}
+    )
     report_to: ReportTo = field(
         default="none",
         metadata={
@@ -231,6 +267,15 @@ class TrainConfig:
         check_range("center_momentum", self.center_momentum, 0.0, 1.0, lo_open=True)
         check_range("uniformity_weight", self.uniformity_weight, 0.0, 1e6)
         check_range("uniformity_t", self.uniformity_t, 0.0, 1e6, lo_open=True)
+        check_one_of("negatives", self.negatives, ("batch", "lexicon"))
+        if self.negatives == "lexicon" and self.loss != "info_nce":
+            raise TLIError(f"negatives = lexicon needs loss = info_nce, got {self.loss!r}")
+        if self.negatives == "lexicon" and (self.center == "running" or self.uniformity_weight):
+            raise TLIError(
+                "negatives = lexicon takes center = batch or none and no uniformity term"
+            )
+        check_range("preserve_weight", self.preserve_weight, 0.0, 1e6)
+        check_range("preserve_batch", self.preserve_batch, 1, MAX_BATCH)
         if self.adapt_layers is not None:
             parse_blocks(self.adapt_layers, None)  # syntax now; bounds once N is known
             if self.adapt_all_layers:
@@ -419,7 +464,7 @@ def plan(cfg: TrainConfig, num_layers: int) -> TrainPlan:
                 f"loss_layers: layer {layer} has no adapted block below it (adapt_layers "
                 f"starts at block {first})"
             )
-    full = cfg.adapt_all_layers or deepest == n
+    full = cfg.adapt_all_layers or deepest == n or cfg.preserve_weight > 0
     return TrainPlan(n, tuple(layers), tuple(weights), adapt, None if full else deepest)
 
 
@@ -572,6 +617,8 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig, card: Mapping[str, Any]) -> dic
         "loss": cfg.loss,
         "center": cfg.center,
         "uniformity_weight": cfg.uniformity_weight,
+        "preserve_weight": cfg.preserve_weight,
+        "negatives": cfg.negatives,
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
@@ -1030,6 +1077,8 @@ def train(
             model, tok, pairs, cfg, the_plan, loaded, prefix_cache_store
         )
     cache_seconds = time.perf_counter() - cache_start
+    preserve = _preserve_batches(model, tok, cfg, loaded.num_layers, accelerator)
+    bank = _target_bank(model, tok, pairs, cfg, the_plan, loaded.num_layers, world)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -1060,7 +1109,9 @@ def train(
             local = _local_rows(index, accelerator)
             if world > 1:
                 index = index[: (len(index) // world) * world]
-            texts = [pairs[i].source for i in local] + [pairs[i].target for i in local]
+            texts = [pairs[i].source for i in local]
+            if bank is None:
+                texts += [pairs[i].target for i in local]
             enc = tokenize(tok, texts, accelerator.device)
             with accelerator.autocast(), _from_cache(model, cache, texts, enc):
                 vec = pooled(
@@ -1071,10 +1122,28 @@ def train(
                     pooling=cfg.pooling,
                 )  # (L, 2b, D)
             b = len(local)
-            anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D) each
-            positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
-            gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
-            out = objective(cfg, anchors, positives, gold, the_plan.loss_weights, state.running)
+            if bank is not None:
+                out = _bank_objective(cfg, vec, bank, index, the_plan.loss_weights)
+            else:
+                anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D)
+                positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
+                gold = batch_gold(pairs, index).to(anchors[0].device)  # (B, B)
+                out = objective(
+                    cfg, anchors, positives, gold, the_plan.loss_weights, state.running
+                )
+            if preserve:
+                enc_text, reference = preserve[state.step % len(preserve)]
+                with accelerator.autocast():
+                    states = hidden_states(
+                        model,
+                        enc_text["input_ids"],
+                        enc_text["attention_mask"],
+                        [loaded.num_layers],
+                        num_layers=loaded.num_layers,
+                    )[loaded.num_layers]  # (b, T, D)
+                drift = state_drift(states.float(), reference, enc_text["attention_mask"])
+                # every process adds the same term; the summed gradients count it once
+                out = out._replace(loss=out.loss + cfg.preserve_weight * drift / world)
             if not torch.isfinite(out.loss):
                 where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint"
                 raise TLIError(
@@ -1156,6 +1225,131 @@ def train(
     return TrainResult(
         out_dir, final, state.step, seconds, rows[-1]["loss"] if rows else math.nan, rows
     )
+
+
+def preserve_texts(path: str | None = None) -> list[str]:
+    """The sentences of the preservation term: ``path``, one per line, or the bundled ones.
+
+    The bundled files (``tli/data/preserve_sw.txt``, ``preserve_en.txt``) hold everyday
+    sentences written for the project, none of them among the texts the perplexity check
+    measures (``tli/data/texts_*.txt``; a test checks this).
+
+    Raises:
+        TLIError: the file cannot be read, is not UTF-8, has a blank line or no line.
+    """
+    if path is None:
+        from importlib import resources
+
+        files = [(f"tli/data/preserve_{c}.txt", resources.files("tli") / f"data/preserve_{c}.txt")
+                 for c in ("sw", "en")]  # fmt: skip
+    else:
+        files = [(str(path), Path(path))]
+    texts: list[str] = []
+    for name, file in files:
+        try:
+            lines = file.read_bytes().decode("utf-8").splitlines()
+        except OSError as err:
+            raise TLIError(f"preserve_texts {name}: cannot read: {first_line(err)}") from None
+        except UnicodeDecodeError as err:
+            raise TLIError(f"preserve_texts {name}: not UTF-8: {err}") from None
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                raise TLIError(f"preserve_texts {name}: line {i} is blank")
+        if not lines:
+            raise TLIError(f"preserve_texts {name}: no sentence")
+        texts += lines
+    return texts
+
+
+def _target_bank(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    the_plan: TrainPlan,
+    n: int,
+    world: int,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """For ``negatives = lexicon``: the frozen model's target vectors and the gold mask.
+
+    Returns ``(bank, gold)``: (L, P, D) pooled vectors of every pair's target at each loss layer,
+    computed once with the adapters disabled, and the (P, P) gold mask of the pairs; None for
+    ``negatives = batch``.
+    """
+    if cfg.negatives != "lexicon":
+        return None
+    if world > 1:
+        raise TLIError("negatives = lexicon runs in one process")
+    from tli.embed import embed_strings
+
+    device = next(model.parameters()).device
+    with model.disable_adapter():
+        bank = embed_strings(
+            model,
+            tok,
+            [p.target for p in pairs],
+            list(the_plan.loss_layers),
+            num_layers=n,
+            pooling=cfg.pooling,
+            progress=False,
+        )  # (L, P, D)
+    return bank.to(device), gold_mask(list(pairs)).to(device)
+
+
+def _bank_objective(
+    cfg: TrainConfig,
+    vec: torch.Tensor,
+    bank: tuple[torch.Tensor, torch.Tensor],
+    index: Sequence[int],
+    weights: Sequence[float],
+) -> LossOutput:
+    """The weighted :func:`tli.losses.lexicon_info_nce` over the loss layers of one batch."""
+    vectors, gold = bank
+    rows = torch.as_tensor(list(index), device=gold.device)
+    outs = [
+        lexicon_info_nce(
+            vec[i].float(),
+            vectors[i],
+            rows,
+            gold[rows],
+            temperature=cfg.temperature,
+            center=cfg.center == "batch",
+        )
+        for i in range(vec.shape[0])
+    ]
+    total = sum(weights)
+    return LossOutput(
+        sum(w * o.loss for w, o in zip(weights, outs, strict=True)),
+        sum(w * o.pos_sim for w, o in zip(weights, outs, strict=True)) / total,
+        sum(w * o.neg_sim for w, o in zip(weights, outs, strict=True)) / total,
+    )
+
+
+def _preserve_batches(
+    model: torch.nn.Module, tok: Any, cfg: TrainConfig, n: int, accelerator: Any
+) -> list[tuple[dict, torch.Tensor]]:
+    """Tokenised sentence batches and the frozen model's final-layer states for each.
+
+    The sentences are shuffled once (seeded by ``cfg.seed``) into batches of
+    ``cfg.preserve_batch``; step s uses batch ``s mod count``, so a resumed run sees the same
+    ones. The reference states come from the model with its adapters disabled (the base model),
+    computed once before the first step. Empty when ``cfg.preserve_weight`` is 0.
+    """
+    if cfg.preserve_weight <= 0:
+        return []
+    texts = preserve_texts(cfg.preserve_texts)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    out = []
+    with torch.no_grad(), model.disable_adapter(), accelerator.autocast():
+        for start in range(0, len(order), cfg.preserve_batch):
+            batch = [texts[i] for i in order[start : start + cfg.preserve_batch]]
+            enc = tokenize(tok, batch, accelerator.device)
+            ref = hidden_states(
+                model, enc["input_ids"], enc["attention_mask"], [n], num_layers=n
+            )[n]  # (b, T, D)
+            out.append((enc, ref.float()))
+    return out
 
 
 def _prefix_cache(
