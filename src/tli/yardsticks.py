@@ -220,6 +220,17 @@ def frozen_yardsticks(
     }
 
 
+def from_json(data: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Saved yardsticks back: JSON ``null`` in the figures was a NaN; the rest as saved."""
+    if not data:
+        return {}
+    sets = {
+        name: {k: [math.nan if v is None else float(v) for v in vals] for k, vals in figs.items()}
+        for name, figs in (data.get("sets") or {}).items()
+    }
+    return {**data, "sets": sets}
+
+
 def best(
     yard: Mapping[str, Any], set_name: str, direction: str, layers: list[int]
 ) -> dict[str, Any] | None:
@@ -272,6 +283,7 @@ __all__ = [
     "YARDSTICK_NAMES",
     "best",
     "fit_procrustes",
+    "from_json",
     "frozen_yardsticks",
     "prepare",
     "score_set",
