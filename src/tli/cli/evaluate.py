@@ -12,7 +12,7 @@ from tli.cli.options import (
     add_pair_arguments,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
-from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, EvalConfig
+from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, YARDSTICKS_PNG, EvalConfig
 
 NAME = "evaluate"
 HELP = "base vs. base + adapter: Tables 1 and 2, baseline, margin, retrieval, verdict"
@@ -20,8 +20,11 @@ DESCRIPTION = (
     "Embed every pair of the trained and control sets at every layer with the "
     "base model and with the adapter merged; report per set and layer the paper's Table 1 "
     "(mean (std), change, paired t-test) with the mismatched-pair baseline, the margin and "
-    "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2. "
-    "Writes pairs.csv, evaluation.json, evaluation.md and vectors.safetensors to --out."
+    "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2; "
+    "the frozen yardsticks of the base model per layer (a Procrustes map fitted on the trained "
+    "pairs; centred retrieval) and the do-no-harm perplexity check on everyday Swahili and "
+    "English texts (docs/perplexity.md). Writes pairs.csv, evaluation.json, evaluation.md, "
+    "vectors.safetensors and yardsticks.png to --out."
 )
 
 
@@ -33,23 +36,36 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
     )
     add_dataclass_arguments(p, EvalConfig)
+    p.add_argument(
+        "--no-perplexity",
+        dest="perplexity",
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
+        help="skip the do-no-harm perplexity check (same as --perplexity false)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli evaluate``; returns the exit code."""
     from tli.evaluate import evaluate
+    from tli.perplexity import text_sets
+    from tli.plots import plot_yardsticks
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
+    if cfg.perplexity:
+        text_sets(cfg.texts)  # a bad text file fails before any model is loaded
     info, sets, loaded, load_s = adapter_command(args, "the evaluation")
     result = evaluate(loaded, info.dir, sets, cfg, args.out)
-    print("\n".join(result.verdict_lines()))
+    figure = plot_yardsticks(args.out, args.out / YARDSTICKS_PNG)
+    print("\n".join(result.summary_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")
     print(result.table1())
     print(
         f"wrote {args.out / CSV_NAME}, {args.out / JSON_NAME}, {args.out / MD_NAME}, "
-        f"{args.out / VECTORS_NAME} (evaluation {result.timings['total_s']:.1f} s after a "
-        f"{load_s:.1f} s load)"
+        f"{args.out / VECTORS_NAME}, {figure} (evaluation {result.timings['total_s']:.1f} s "
+        f"after a {load_s:.1f} s load)"
     )
     sys.stdout.flush()
     return 0

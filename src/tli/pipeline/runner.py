@@ -199,18 +199,31 @@ class Runner:
             self.cfg.evaluate,
             self.run_dir / "eval",
         )
-        self.note("evaluate", verdicts=result.verdict_lines())
+        self.note("evaluate", verdicts=result.summary_lines())
 
     def _probe(self) -> None:
-        """Generated text and scored word translation, when ``[probe] enabled = true``."""
-        if self.cfg.probe.enabled:
+        """Generated text, scored translation (``enabled``), and the LM ranking (``rank``).
+
+        ``[probe] rank = true`` runs the LM-ranking yardstick with or without ``enabled``.
+        """
+        pc = self.cfg.probe
+        if pc.enabled:
             from tli.probe import probe
 
             result = probe(self.full_model(), self.run_dir / "train" / "final",
-                           saved_sets(self.run_dir), self.cfg.probe, self.run_dir / "probe",
-                           score=True)
+                           saved_sets(self.run_dir), pc, self.run_dir / "probe",
+                           score=True, rank=pc.rank)
             self.note("probe", summary=result.summary_line(), warnings=result.warnings)
-        atomic_write_json(self.run_dir / MARKERS["probe"], {"enabled": self.cfg.probe.enabled})
+        elif pc.rank:
+            from tli.probe import lm_rank
+            from tli.tables import rank_line
+
+            ranking = lm_rank(self.full_model(), saved_sets(self.run_dir), pc,
+                              self.run_dir / "probe")
+            self.note("probe", rank=rank_line(ranking))
+        atomic_write_json(
+            self.run_dir / MARKERS["probe"], {"enabled": pc.enabled, "rank": pc.rank}
+        )
 
     def _figures(self) -> None:
         from tli.plots import draw_run_figures
