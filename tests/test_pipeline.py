@@ -62,7 +62,8 @@ def finished_run(tiny_model_dir, small_pairs, tmp_path_factory):
 def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, small_pairs, tmp_path,
                                                              capsys):
     out = tmp_path / "run"
-    assert main(quick_run_argv(tiny_model_dir, small_pairs, out)) == 0
+    rank = ["--set", "probe.rank=true", "--set", "probe.rank_n=3"]  # the LM ranking, alone
+    assert main(quick_run_argv(tiny_model_dir, small_pairs, out, *rank)) == 0
     stdout = capsys.readouterr().out
     assert "trained (layer" in stdout and "control (layer" in stdout
     assert "geometry " in stdout and "retrieval " in stdout and "collapse flag" in stdout
@@ -70,15 +71,26 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
                  "pairs/pairs.tsv", "scan/scan.json", "scan/scan.csv", "train/final",
                  "train/train_log.csv", "eval/evaluation.json", "eval/evaluation.md",
                  "eval/pairs.csv", "figures/scan.png", "figures/tsne_pre.png",
-                 "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png"):
+                 "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png",
+                 "figures/yardsticks.png", "probe/probe_rank.json", "probe/probe_rank.md"):
         assert (out / name).exists(), name
     env = json.loads((out / "environment.json").read_text())
     assert {"python", "packages", "git_commit", "seeds", "device", "time"} <= env.keys()
     assert {"torch", "transformers", "peft", "accelerate"} <= env["packages"].keys()
     assert not (out / "run.lock").exists()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 5 and 'src="figures/' not in html
+    assert html.count("data:image/png;base64,") == 6 and 'src="figures/' not in html
     md = (out / "report.md").read_text()
+    # the yardstick figure and the do-no-harm line lead the report, before the verdicts
+    lead = md.index("## Yardsticks and do no harm")
+    assert lead < md.index("![Yardsticks: P@1") < md.index("## Verdicts")
+    harm = md.index("do no harm (95% paired bootstrap CI): Swahili perplexity")
+    assert lead < harm < md.index("## Verdicts")
+    rank = md.index("LM ranking (4-shot, base model): control s2t P@1 ")
+    assert harm < rank < md.index("## Verdicts")
+    assert lead < md.index("| control | s→t | ") < md.index("## Verdicts")
+    assert "do no harm (95% paired bootstrap CI)" in stdout
+    assert not (out / "probe" / "probe.json").exists()  # enabled is off: the ranking ran alone
     assert "Table 1" in md and "Table 2" in md and "Verdicts" in md
     assert "| Set | N | Geometry: margin change [95% CI] | detects |" in md
     assert "## Retrieval: nearest neighbour, CSLS and centred (final layer)" in md
@@ -96,7 +108,9 @@ def test_plot_redraws_every_figure_from_the_run_directory_alone(finished_run, ca
         p.unlink()
     assert main(["plot", str(finished_run)]) == 0
     after = {p.name: p.read_bytes() for p in sorted((finished_run / "figures").glob("*.png"))}
-    assert after.keys() == before.keys() and len(after) == 5
+    assert after.keys() == before.keys() and len(after) == 6
+    md = (finished_run / "report.md").read_text()
+    assert "LM ranking: absent (it did not run" in md
     assert after == before  # seeded t-SNE, same results: the same pictures
 
 
