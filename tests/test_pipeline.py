@@ -306,10 +306,19 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
     shutil.copy(inputs / "pairs.tsv", "pairs.tsv")
     shutil.copy(inputs / "split.tsv", "control.tsv")
     os.symlink(tiny_model_dir, "model")
+    Path("home.txt").write_text("Nyumba yetu ni ndogo.\n", encoding="utf-8")
+    Path("food.txt").write_text("Chakula ni tayari.\n", encoding="utf-8")
     with pytest.raises(Stop):
         main(["run", "--model", "model", "--pairs", "pairs.tsv", "--set",
-              'pairs.control="control.tsv"', "--out", "rel"])  # fmt: skip
+              'pairs.control="control.tsv"', "--set",
+              'evaluate.texts=["Home=home.txt", "food.txt"]', "--out", "rel"])  # fmt: skip
     cfg = load_run_config(tmp_path / "rel" / "config.toml")
+    assert cfg.evaluate.texts == (f"Home={tmp_path / 'home.txt'}", f"food={tmp_path / 'food.txt'}")
+    # a missing text file stops a run before its directory exists
+    code = main(["run", "--model", "model", "--pairs", "pairs.tsv", "--set",
+                 'evaluate.texts=["gone.txt"]', "--out", "never"])  # fmt: skip
+    assert code == 2 and "gone.txt: no such file" in capsys.readouterr().err
+    assert not Path("never").exists()
     assert cfg.pairs.file == str(tmp_path / "pairs.tsv")
     assert cfg.pairs.control == str(tmp_path / "control.tsv")
     assert cfg.model.name == str(Path(tiny_model_dir).resolve())

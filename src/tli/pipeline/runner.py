@@ -243,10 +243,15 @@ def preflight(cfg: RunConfig) -> None:
     """Check a new run's inputs before its directory is created: pairs, model, layer.
 
     Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
-    way), finds the model's config (no weights) and checks a set training layer against its
-    depth, so bad input fails in seconds with nothing written.
+    way), reads the perplexity check's text files, finds the model's config (no weights) and
+    checks a set training layer against its depth, so bad input fails in seconds with nothing
+    written.
     """
     load_sets(cfg)
+    if cfg.evaluate.perplexity:
+        from tli.perplexity import text_sets
+
+        text_sets(cfg.evaluate.texts)  # a bad text file fails before the run directory exists
     from tli.models import EMBEDDED, load_config
 
     name = cfg.model.name
