@@ -262,6 +262,7 @@ def inputs(tmp_path_factory):
         "nocolumn.tsv": "swahili\tpos\nmaji\tnoun\n",
         "afile": "x\n",
         "words.txt": "maji\nmoto\n",
+        "de-en.txt": "Hund dog\nbei gani how much\nKatze cat\n",
         "blank_line.txt": "maji\n\nmoto\n",
         "empty.txt": "",
         "bad.toml": BAD_TOML,

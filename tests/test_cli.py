@@ -43,6 +43,26 @@ def test_help_lists_subcommands():
         assert command in out
 
 
+def test_threads_option_and_environment_set_torch_threads(run_cli, monkeypatch, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    lexicon = ROOT / "src/tli/data/lexicon.tsv"
+    try:
+        assert run_cli("--threads", "1", "pairs", "check", lexicon)[0] == 0
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("TLI_THREADS", "2")
+        assert run_cli("pairs", "check", lexicon)[0] == 0
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("TLI_THREADS", "many")
+        code, _, err = run_cli("pairs", "check", lexicon)
+        assert_one_line_error(code, err, "TLI_THREADS: not an integer: 'many'")
+        code, _, err = run_cli("--threads", "0", "pairs", "check", "x.tsv")
+        assert_one_line_error(code, err, "--threads", "must be >= 1")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_embed_writes_vectors(run_cli, tiny_model_dir, tmp_path):
     out_file = tmp_path / "v.safetensors"
     code, out, _ = run_cli(
@@ -85,7 +105,6 @@ def test_embed_reads_a_file(run_cli, tiny_model_dir, tmp_path):
         (["--model", "./missing/dir", "x"], ["./missing/dir"]),
         (["--model", "{model}", "--layers", "9", "x"], ["layer 9 is outside 0..4"]),
         (["--model", "{model}", "x", "   "], ["empty or whitespace-only"]),
-        (["--model", "{model}", "--load-in-4bit", "x"], ["load_in_4bit needs a CUDA GPU"]),
         (["--model", "{model}", "--device", "cuda", "x"], ["CUDA is not available"]),
         (["--model", "{model}", "--file", "/nonexistent/words.txt"], ["no such file"]),
         (["--model", "{model}", "--batch-size", "0", "x"], ["--batch-size"]),
@@ -200,6 +219,10 @@ BAD_INPUT = {
     "run-out-foreign-directory": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/notrun",
                                   ["notrun", "not a tli run directory"]),
     "run-resume-missing": ("run --resume {d}/nope", ["nope", "not a tli run directory"]),
+    "run-report-to-unknown": ("run --model {model} --report-to neptune --out {out}",
+                              ["[train] report_to must be one of none, tensorboard, mlflow"]),
+    "run-src-lang-empty": ("run --model {model} --src-lang ' ' --out {out}",
+                           ["pairs.src_lang must be a language name"]),
     "run-resume-not-a-run": ("run --resume {d}/notrun", ["notrun", "not a tli run directory"]),
     "run-resume-with-options": ("run --resume {d}/notrun --set train.epochs=3",
                                 ["--resume DIR continues the run with its saved config"]),
@@ -236,6 +259,12 @@ BAD_INPUT = {
                                        ["dir.tsv", "cannot write"]),
     "pairs-split-out-under-a-file": ("pairs split {d}/pairs.tsv --out {d}/afile/x.tsv",
                                      ["afile/x.tsv", "cannot write"]),
+    "pairs-check-muse-line": ("pairs check {d}/de-en.txt",
+                              ["de-en.txt", "line 2", "expected 2 whitespace-separated fields"]),
+    "pairs-convert-unknown-extension": ("pairs convert {d}/pairs.tsv {out}.dat",
+                                        ["out.dat", "cannot tell the format"]),
+    "pairs-convert-muse-line": ("pairs convert {d}/de-en.txt {out}.json",
+                                ["de-en.txt", "line 2", "found 4"]),
     # tli embed
     "embed-no-words": ("embed --model {model} --out {out}", ["no strings to embed"]),
     "embed-file-missing": ("embed --model {model} --file {d}/nope.txt --out {out}",
@@ -301,6 +330,9 @@ BAD_INPUT = {
     "scan-out-under-a-file": ("scan --model {model} --pairs {d}/pairs.tsv --out {d}/afile/s",
                               ["afile", "not a directory"]),
     # tli train
+    "train-report-to-unknown": ("train --model {model} --pairs {d}/pairs.tsv --layer 2 "
+                                "--report-to neptune --out {out}",
+                                ["--report-to", "invalid choice: 'neptune'"]),
     "train-pairs-missing": ("train --model {model} --pairs {d}/nope.tsv --layer 2 --out {out}",
                             ["nope.tsv", "cannot read"]),
     "train-pairs-unreadable": ("train --model {model} --pairs {d}/dir.tsv --layer 2 --out {out}",
@@ -398,6 +430,10 @@ BAD_INPUT = {
     "evaluate-out-under-a-file": (
         "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/afile/e",
         ["afile", "not a directory"]),
+    # tli compare
+    "compare-missing": ("compare {d}/nope --out {out}", ["nope", "no such directory"]),
+    "compare-no-results": ("compare {d}/adir --out {out}",
+                           ["adir", "neither a finished run", "nor a finished sweep cell"]),
     # tli plot
     "plot-missing": ("plot {d}/nope", ["nope", "no such directory"]),
     "plot-a-file": ("plot {d}/afile", ["afile", "not a directory"]),
@@ -405,7 +441,7 @@ BAD_INPUT = {
 }  # fmt: skip
 
 #: The commands as docs/reliability.md names them, by the case ids' first word.
-COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "plot")
+COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "plot", "compare")
 
 
 def _argv(template, **values):

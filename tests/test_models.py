@@ -68,3 +68,98 @@ def test_smollm2_loads_offline(user_cache):
     assert loaded.num_layers == 30 and loaded.model.config.model_type == "llama"
     assert loaded.tokenizer.pad_token is not None
     assert embed(loaded, ["mtoto", "child"], "0,final").shape == (2, 2, 576)
+
+
+# --- the cached tokenizer ---------------------------------------------------------------------
+
+
+def _cache_entry(path, tokenizer, *, record: bool):
+    """A directory laid out as a tli cache entry: tokenizer files and tli_source.json."""
+    import json
+
+    from conftest import tiny_config
+
+    tokenizer.save_pretrained(path)
+    tiny_config().save_pretrained(path)
+    source = {"name": "tiny", "gguf": "tiny.gguf"}
+    if record:
+        source[models.TOKENIZER_RECORD] = models.tokenizer_record(tokenizer)
+    (path / models.SOURCE_RECORD).write_text(json.dumps(source))
+    return path
+
+
+TEXTS = ["maji", "bei gani", "  leading", "Grüße, 日本語 🙂", "-zuri", "Swahili: mbwa\nEnglish:"]
+
+
+def _same_tokenizer(a, b):
+    for text in TEXTS:
+        assert a(text)["input_ids"] == b(text)["input_ids"], text
+    enc = [t(TEXTS, padding=True, return_special_tokens_mask=True, return_tensors="pt")
+           for t in (a, b)]  # fmt: skip
+    for key in enc[0]:
+        assert (enc[0][key] == enc[1][key]).all(), key
+    ids = enc[0]["input_ids"][3].tolist()
+    assert a.decode(ids, skip_special_tokens=True) == b.decode(ids, skip_special_tokens=True)
+    assert (a.padding_side, a.pad_token_id, a.all_special_ids) == (
+        b.padding_side, b.pad_token_id, b.all_special_ids)
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_a_cache_entry_loads_its_fast_tokenizer_from_tokenizer_json(tmp_path, padding_side):
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_tokenizer
+
+    original = tiny_tokenizer(padding_side)
+    entry = _cache_entry(tmp_path, original, record=True)
+    fast = models.load_tokenizer(str(entry))
+    assert type(fast) is PreTrainedTokenizerFast
+    _same_tokenizer(fast, original)
+
+
+def test_an_older_cache_entry_records_its_tokenizer_once(tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from conftest import tiny_tokenizer
+
+    entry = _cache_entry(tmp_path, tiny_tokenizer("left"), record=False)
+    first = models.load_tokenizer(str(entry))  # the slow way, then the record is written
+    assert models.TOKENIZER_RECORD in json.loads((entry / models.SOURCE_RECORD).read_text())
+    calls = []
+    real = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: calls.append(a) or real(cls, *a, **k)))
+    second = models.load_tokenizer(str(entry))
+    assert calls == [] and type(second) is PreTrainedTokenizerFast
+    _same_tokenizer(first, second)
+
+
+@pytest.mark.slow
+def test_gemma_cached_tokenizer_equals_its_own_class_on_the_lexicon(user_cache):
+    from transformers import AutoTokenizer
+
+    from tli.pairs import load_lexicon
+
+    load_model(ModelConfig("gemma-3-270m"), max_layer=1)  # fills the cache and its record
+    path = user_cache / "models" / "gemma-3-270m"
+    fast, own = models.load_tokenizer("gemma-3-270m"), AutoTokenizer.from_pretrained(path)
+    assert type(own).__name__ == "GemmaTokenizer" and type(fast).__name__ != "GemmaTokenizer"
+    words = [s for p in load_lexicon() for s in (p.source, *p.targets)]
+    assert [fast(w)["input_ids"] for w in words] == [own(w)["input_ids"] for w in words]
+    _same_tokenizer(fast, own)
+
+
+def test_model_origin_gives_hub_ids_licenses_and_local_names(tmp_path, tiny_model_dir):
+    assert models.model_origin("gemma-3-270m") == {
+        "base_model": "google/gemma-3-270m", "local": False, "license": "gemma",
+        "embedded": "gemma-3-270m"}  # fmt: skip
+    assert models.model_origin("smollm2-135m")["license"] == "apache-2.0"
+    local = models.model_origin(str(tiny_model_dir))
+    assert local == {"base_model": str(tiny_model_dir), "local": True, "license": None}
+    card = tmp_path / "m"
+    card.mkdir()
+    (card / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
+    assert models.model_origin(str(card))["license"] == "mit"
+    assert models.model_origin("owner/not-cached")["license"] is None  # offline: not known

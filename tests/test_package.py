@@ -9,7 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "tli"
 #: Modules that render saved results; they never import the pipeline.
-RENDERING = {"tli.tables", "tli.plots", "tli.report"}
+RENDERING = {"tli.tables", "tli.plots", "tli.report", "tli.card"}
 
 
 def _module(path: Path) -> str:

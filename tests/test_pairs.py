@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -29,14 +30,18 @@ from tli.pairs import (
     group_pairs,
     is_calendar,
     is_loanword,
+    language_code,
+    language_name,
     leakage_keys,
     load_lexicon,
+    load_sets,
     read_pairs,
     split_pairs,
     split_sets,
+    write_pairs,
 )
 
-from conftest import SRC
+from conftest import SRC, assert_one_line_error
 
 LEXICON = SRC / "tli" / "data" / "lexicon.tsv"
 
@@ -114,10 +119,118 @@ def test_every_format_reads_to_the_same_pairs(tmp_path, name):
 
 
 def test_explicit_format_overrides_the_extension(tmp_path):
-    path = write(tmp_path / "pairs.txt", FIXTURES["pairs.tsv"][0])
+    path = write(tmp_path / "pairs.dat", FIXTURES["pairs.tsv"][0])
     assert read_pairs(path, fmt="tsv") == EXPECTED
-    with pytest.raises(TLIError, match=r"pairs\.txt: cannot tell the format"):
+    with pytest.raises(TLIError, match=r"pairs\.dat: cannot tell the format"):
         read_pairs(path)
+    # .txt is a MUSE dictionary: a TSV with four columns is not one
+    txt = write(tmp_path / "pairs.txt", FIXTURES["pairs.tsv"][0])
+    assert read_pairs(txt, fmt="tsv") == EXPECTED
+    with pytest.raises(TLIError, match=r"pairs\.txt: line 1: expected 2 whitespace-separated"):
+        read_pairs(txt)
+
+
+# --- MUSE / vecmap dictionaries and conversion ------------------------------------------------
+
+
+def test_muse_dictionary_reads_repeated_sources_as_alternatives(tmp_path):
+    path = write(tmp_path / "sw-en.txt", "bahari sea\nbahari\tocean\n\nkitabu  book\n-zuri good\n")
+    pairs = read_pairs(path)
+    assert pairs == [Pair("bahari", "sea", ("ocean",)), Pair("kitabu", "book"),
+                     Pair("-zuri", "good", is_stem=True)]  # fmt: skip
+    assert read_pairs(write(tmp_path / "dict", "a b\n"), fmt="muse") == [Pair("a", "b")]
+
+
+@pytest.mark.parametrize(
+    "line, found", [("bei gani how much", 4), ("maji", 1), ("a b c", 3)]
+)
+def test_a_muse_line_of_other_than_two_fields_is_one_line_naming_it(tmp_path, run_cli, line,
+                                                                    found):
+    path = write(tmp_path / "de-en.txt", f"Hund dog\nKatze cat\n{line}\nBaum tree\n")
+    code, _, err = run_cli("pairs", "check", path)
+    assert_one_line_error(code, err, "de-en.txt: line 3: expected 2 whitespace-separated "
+                                     f"fields (source target), found {found}")  # fmt: skip
+
+
+def _round_trip_pairs() -> list[Pair]:
+    lexicon = load_lexicon()
+    # every kind of metadata, alternatives, stems and both splits, but one word per entry
+    picked = [p for p in lexicon if " " not in p.source and all(" " not in t for t in p.targets)]
+    return picked[:40] + [p for p in picked if p.alternatives][:5] + [
+        p for p in picked if p.split == "control"][:5]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_round_trips_through_write_and_read(tmp_path, fmt, caplog):
+    pairs = list(dict.fromkeys(_round_trip_pairs()))
+    ext = {"muse": "txt"}.get(fmt, fmt)
+    path = tmp_path / f"out.{ext}"
+    with caplog.at_level(logging.WARNING, logger="tli"):
+        write_pairs(pairs, path, src_key="sw", tgt_key="en")
+    back = read_pairs(path, src_key="sw", tgt_key="en")
+    if fmt == "muse":  # source and target only; the warning names what was dropped
+        keep = [Pair(p.source, p.target, p.alternatives, is_stem=p.is_stem) for p in pairs]
+        assert back == keep
+        assert "dropped the column(s) pos, category, root, split" in caplog.text
+    else:
+        assert back == pairs and caplog.records == []
+
+
+def test_a_multi_word_entry_cannot_go_to_a_muse_file(tmp_path):
+    with pytest.raises(TLIError, match=r"cannot write 'bei gani' .* to a MUSE file"):
+        write_pairs([Pair("bei gani", "how much")], tmp_path / "x.txt")
+    assert not (tmp_path / "x.txt").exists()
+
+
+def test_cli_convert_goes_between_every_pair_of_formats(tmp_path, run_cli):
+    pairs = [Pair("Hund", "dog", ("hound",)), Pair("Katze", "cat"), Pair("Baum", "tree")]
+    files = {"json": "a.json", "jsonl": "a.jsonl", "csv": "a.csv", "tsv": "a.tsv", "muse": "a.txt"}
+    write_pairs(pairs, tmp_path / "start.tsv", src_key="de", tgt_key="en")
+    for src_fmt, src_name in files.items():
+        source = tmp_path / f"from-{src_fmt}" / src_name
+        source.parent.mkdir()
+        code, out, err = run_cli("pairs", "convert", tmp_path / "start.tsv", source,
+                                 "--src-key", "de", "--tgt-key", "en")  # fmt: skip
+        assert code == 0, err
+        for dst_fmt, dst_name in files.items():
+            target = source.parent / f"to-{dst_name}"
+            code, out, err = run_cli("pairs", "convert", source, target, "--src-key", "de",
+                                     "--tgt-key", "en")  # fmt: skip
+            assert code == 0, err
+            assert f"({dst_fmt}): 3 source entries, 4 translations" in out
+            assert read_pairs(target, src_key="de", tgt_key="en") == pairs, (src_fmt, dst_fmt)
+    code, _, err = run_cli("pairs", "convert", tmp_path / "start.tsv", tmp_path / "x.dat",
+                           "--src-key", "de", "--tgt-key", "en")  # fmt: skip
+    assert_one_line_error(code, err, "x.dat: cannot tell the format")
+    code, _, err = run_cli("pairs", "convert", tmp_path / "start.tsv", tmp_path / "x.dat",
+                           "--src-key", "de", "--tgt-key", "en", "--to", "json")  # fmt: skip
+    assert code == 0 and json.loads((tmp_path / "x.dat").read_text())[0]["de"] == "Hund"
+
+
+def test_languages_come_from_the_names_the_keys_or_a_muse_file_name(tmp_path):
+    tsv = write(tmp_path / "p.tsv", "de\ten\nHund\tdog\nKatze\tcat\n")
+    assert load_sets(tsv, src_key="de", tgt_key="en").languages == ("de", "en")
+    assert load_sets(tsv, src_key="de", tgt_key="en", src_lang="German").languages == (
+        "German", "en")
+    paper = write(tmp_path / "p.json", '[{"swahili": "maji", "english": "water"}]')
+    assert load_sets(paper).languages == ("Swahili", "English")
+    plain = write(tmp_path / "q.tsv", "source\ttarget\nHund\tdog\n")
+    assert load_sets(plain).languages == ("source", "target")  # the file names no language
+    muse = write(tmp_path / "de-en.0-5000.txt", "Hund dog\n")
+    assert load_sets(muse).languages == ("de", "en")
+    assert load_sets(write(tmp_path / "dict.txt", "Hund dog\n")).languages == ("source", "target")
+    assert load_sets().languages == ("Swahili", "English")  # the bundled lexicon
+    sets = load_sets(muse)
+    assert sets.sha256["de-en.0-5000.txt"] == hashlib.sha256(b"Hund dog\n").hexdigest()
+    assert sets.summary()["src_lang"] == "de"
+
+
+def test_language_names_and_codes():
+    assert [language_name(k) for k in ("swahili", "de", "source", "zh-Hans")] == [
+        "Swahili", "de", "source", "zh-Hans"]
+    assert [language_code(n) for n in ("Swahili", "English", "de", "sw", "German")] == [
+        "sw", "en", "de", "sw", "de"]
+    assert language_code("source") is None and language_code("Qwxzyland") is None
 
 
 def test_paper_layout_is_read_unchanged(tmp_path, caplog):
@@ -432,9 +545,10 @@ def test_check_leakage_names_each_overlap():
         Pair("bei gani", "how much"),
         Pair("maji", "water"),
     ]
-    leaks = check_leakage(trained, control)
+    leaks = check_leakage(trained, control, ("Swahili", "English"))
     assert len(leaks) == 3
     assert 'English gloss "tree"' in leaks[0] and 'trained "miti"' in leaks[0]
+    assert 'target gloss "tree"' in check_leakage(trained, control)[0]  # no languages named
     assert '"tabu"' in leaks[1] and '"bei"' in leaks[2]
 
 
@@ -527,7 +641,7 @@ def test_cli_check_against_a_trained_file(tmp_path, run_cli):
     code, out, _ = run_cli("pairs", "check", str(clean), "--against", str(trained), *keys)
     assert code == 0 and f"leakage with {trained}: none" in out
     code, out, err = run_cli("pairs", "check", str(leaky), "--against", str(trained), *keys)
-    assert code == 2 and 'Swahili headword/root/word "maji"' in out
+    assert code == 2 and 'sw headword/root/word "maji"' in out  # the file's key names it
 
 
 def test_cli_check_summary_and_token_counts(tmp_path, run_cli, monkeypatch):

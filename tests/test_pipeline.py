@@ -72,6 +72,7 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
                  "train/train_log.csv", "eval/evaluation.json", "eval/evaluation.md",
                  "eval/pairs.csv", "figures/scan.png", "figures/tsne_pre.png",
                  "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png",
+                 "figures/training.png", "train/final/README.md",
                  "figures/yardsticks.png", "probe/probe_rank.json", "probe/probe_rank.md"):
         assert (out / name).exists(), name
     env = json.loads((out / "environment.json").read_text())
@@ -79,7 +80,7 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
     assert {"torch", "transformers", "peft", "accelerate"} <= env["packages"].keys()
     assert not (out / "run.lock").exists()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6 and 'src="figures/' not in html
+    assert html.count("data:image/png;base64,") == 7 and 'src="figures/' not in html
     md = (out / "report.md").read_text()
     # the yardstick figure and the do-no-harm line lead the report, before the verdicts
     lead = md.index("## Yardsticks and do no harm")
@@ -94,7 +95,7 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
     assert "Table 1" in md and "Table 2" in md and "Verdicts" in md
     assert "| Set | N | Geometry: margin change [95% CI] | detects |" in md
     assert "## Retrieval: nearest neighbour, CSLS and centred (final layer)" in md
-    assert "| control | s→t centred NN (verdict) |" in md
+    assert "| control | Swahili→English centred NN (verdict) |" in md
     assert md.index("Figure 3: t-SNE") < md.index(TSNE_NOTE) < md.index("per-pair change:")
     # The resolved config re-runs: it parses to the same RunConfig.
     cfg = load_run_config(out / "config.toml")
@@ -108,7 +109,7 @@ def test_plot_redraws_every_figure_from_the_run_directory_alone(finished_run, ca
         p.unlink()
     assert main(["plot", str(finished_run)]) == 0
     after = {p.name: p.read_bytes() for p in sorted((finished_run / "figures").glob("*.png"))}
-    assert after.keys() == before.keys() and len(after) == 6
+    assert after.keys() == before.keys() and len(after) == 7
     md = (finished_run / "report.md").read_text()
     assert "LM ranking: absent (it did not run" in md
     assert after == before  # seeded t-SNE, same results: the same pictures
@@ -148,6 +149,108 @@ def test_a_live_lock_refuses_and_a_stale_lock_is_taken_over(finished_run, capsys
     assert main(["run", "--resume", str(finished_run)]) == 0
     assert "stale lock" in capsys.readouterr().err
     assert not lock.exists() and (finished_run / "report.html").is_file()
+
+
+#: German-English pairs under the keys de and en (a pair list with no Swahili in it).
+GERMAN = [
+    ("Hund", "dog"), ("Katze", "cat"), ("Wasser", "water"), ("Haus", "house"),
+    ("Baum", "tree"), ("Sonne", "sun"), ("Mond", "moon"), ("Brot", "bread"),
+    ("Buch", "book"), ("Kind", "child"), ("Feuer", "fire"), ("Meer", "sea"),
+    ("Stadt", "city"), ("Stein", "stone"), ("Vogel", "bird"), ("Fisch", "fish"),
+    ("Milch", "milk"), ("Apfel", "apple"), ("Tisch", "table"), ("Stuhl", "chair"),
+    ("Fenster", "window"), ("Tür", "door"), ("Straße", "street"), ("Berg", "mountain"),
+    ("Fluss", "river"), ("Wald", "forest"), ("Schnee", "snow"), ("Regen", "rain"),
+    ("Wind", "wind"), ("Blume", "flower"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def german_run(tiny_model_dir, tmp_path_factory):
+    """A whole `tli run` (probe included) on German-English pairs with the keys de and en."""
+    d = tmp_path_factory.mktemp("german")
+    pairs = d / "de-en.tsv"
+    pairs.write_text("de\ten\n" + "".join(f"{a}\t{b}\n" for a, b in GERMAN), encoding="utf-8")
+    out = d / "run"
+    argv = quick_run_argv(tiny_model_dir, pairs, out, "--set", "pairs.src_key=de",
+                          "--set", "pairs.tgt_key=en", "--set", "probe.enabled=true",
+                          "--set", "probe.n=2", "--set", "probe.score_n=3",
+                          "--set", "probe.max_new_tokens=4")  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_a_german_english_run_never_says_swahili_or_english(german_run):
+    files = [p for p in german_run.rglob("*") if p.is_file()]
+    assert len(files) > 30 and (german_run / "probe" / "probe_scores.md").is_file()
+    for path in files:
+        data = path.read_bytes().lower()
+        assert b"swahili" not in data and b"english" not in data, path
+    # the languages of the pair file label the tables, figures' results and prompts
+    summary = json.loads((german_run / "pairs" / "summary.json").read_text())
+    assert (summary["src_lang"], summary["tgt_lang"]) == ("de", "en")
+    md = (german_run / "report.md").read_text()
+    assert "de → en" in md and "| de | en | Pre | Post | Change |" in md
+    assert "P@1 de→en NN" in (german_run / "eval" / "evaluation.md").read_text()
+    scan = json.loads((german_run / "scan" / "scan.json").read_text())
+    assert scan["languages"] == ["de", "en"]
+    probe = json.loads((german_run / "probe" / "probe.json").read_text())
+    assert probe["languages"] == ["de", "en"]
+    assert any(r["prompt"].startswith("Translate the de word into en.") for r in probe["rows"])
+    assert "| trained | de -> en |" in (german_run / "probe" / "probe_scores.md").read_text()
+
+
+def test_the_run_names_its_languages_on_the_command_line(tiny_model_dir, small_pairs, tmp_path):
+    out = tmp_path / "run"
+    argv = quick_run_argv(tiny_model_dir, small_pairs, out, "--src-lang", "Kiswahili",
+                          "--tgt-lang", "Kiingereza", "--set", "train.epochs=1")  # fmt: skip
+    assert main(argv) == 0
+    assert "Kiswahili → Kiingereza" in (out / "report.md").read_text()
+    card = (out / "train" / "final" / "README.md").read_text()
+    assert "Kiswahili → Kiingereza" in card
+
+
+def test_the_final_adapter_card_holds_the_evaluation(german_run, tiny_model_dir):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(german_run / "train" / "final" / "README.md")
+    assert card.data.base_model == str(tiny_model_dir)  # a local directory keeps its name
+    assert card.data.library_name == "peft" and card.data.language == ["de", "en"]
+    assert {"tli", "lora", "cross-lingual-alignment"} <= set(card.data.tags)
+    assert card.data.license is None  # the tiny model records none; the card says so
+    text = card.text
+    assert "[More Information Needed]" not in str(card)
+    assert "not a hub id" in text and "License: not known to tli" in text
+    assert "## Evaluation" in text and "| Set | N | Pre mean (std)" in text
+    assert "trained (layer" in text and "control (layer" in text
+    assert f"tli run --config {german_run / 'config.toml'}" in text
+    assert "Stanley Ngugi" in text and "year   = {2025}" in text
+    summary = json.loads((german_run / "pairs" / "summary.json").read_text())
+    assert summary["sha256"]["de-en.tsv"] in text
+    epoch = ModelCard.load(german_run / "train" / "epoch-1" / "README.md")
+    assert epoch.data.language == ["de", "en"] and "Not evaluated yet" in epoch.text
+
+
+def test_the_evaluation_reuses_the_scan_vectors_and_gets_the_same_figures(german_run, tmp_path):
+    """`tli run` takes the scan's base vectors; an evaluation that embeds again agrees exactly."""
+    from tli.evaluate import EvalResult, evaluate
+    from tli.models import load_model
+    from tli.pipeline.runner import saved_sets
+
+    record = json.loads((german_run / "run.json").read_text())
+    assert record["stages"]["evaluate"]["base_vectors_reused"] is True
+    cfg = load_run_config(german_run / "config.toml")
+    fresh = evaluate(load_model(cfg.model), german_run / "train" / "final",
+                     saved_sets(german_run), cfg.evaluate, tmp_path / "eval",
+                     languages=("de", "en"))  # fmt: skip
+    assert fresh.timings["base_vectors_reused"] == 0.0
+    reused = EvalResult.load(german_run / "eval")
+    saved = [json.loads((d / "evaluation.json").read_text()) for d in (german_run / "eval",
+                                                                        tmp_path / "eval")]
+    assert saved[0]["sets"] == saved[1]["sets"]  # every figure of every set at every layer
+    assert saved[0]["verdicts"] == saved[1]["verdicts"]
+    for name in reused.sets:
+        for when in ("pre", "post"):
+            assert (reused.cosines[name][when] == fresh.cosines[name][when]).all()
 
 
 def test_config_layers_and_errors():
@@ -513,9 +616,10 @@ def assert_same_results(a: dict, b: dict, *, ignore: tuple[str, ...] = ()) -> No
     for name in a:
         x, y = a[name], b[name]
         if name == "run.json":
-            for stage in ignore:
+            for key in ignore:  # facts about how a stage ran (e.g. after a resume), not results
                 for record in (x, y):
-                    record["stages"].get("train", {}).pop(stage, None)
+                    for facts in record["stages"].values():
+                        facts.pop(key, None)
         assert x == y, f"{name}: {_difference(x, y)}"
 
 
@@ -590,7 +694,8 @@ def test_sigkill_at_any_point_then_resume_gives_the_uninterrupted_results(
     assert not [p for p in run.rglob(".*") if is_leftover(p.name)]
     record = json.loads((run / "run.json").read_text())
     assert record["stages"]["train"]["resumed"] is True  # training continued from a checkpoint
-    assert_same_results(results_of(reference_run), results_of(run), ignore=("resumed",))
+    assert_same_results(results_of(reference_run), results_of(run),
+                        ignore=("resumed", "base_vectors_reused"))  # fmt: skip
 
 
 @pytest.mark.slow
@@ -609,7 +714,7 @@ def test_a_kill_between_a_stage_and_its_record_reruns_the_stage(reference_run, t
     after = json.loads((run / "run.json").read_text())
     assert {"layer", "layer_source", "seconds"} <= after["stages"]["train"].keys()
     assert (run / "report.html").is_file()
-    assert_same_results(before, results_of(run), ignore=("resumed",))
+    assert_same_results(before, results_of(run), ignore=("resumed", "base_vectors_reused"))
 
 
 @pytest.mark.slow

@@ -105,3 +105,23 @@ def test_yardstick_bars_come_from_the_saved_files(tmp_path, results):
     assert "skipped this set" in data["sets"]["trained"][2][4]
     path = plot_yardsticks(results / "eval", tmp_path / "y.png", probe)
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_training_figure_from_the_training_log_alone(tmp_path, run_cli):
+    from tli.plots import plot_training, read_train_log
+
+    from conftest import PNG_MAGIC
+
+    train = tmp_path / "train"
+    train.mkdir()
+    rows = ["step,epoch,loss,pos_sim,neg_sim,lr"]
+    rows += [f"{s},{1 + (s - 1) // 5},{1 / s},{0.1 * s},{0.05 * s},{1e-4 * min(s, 3)}"
+             for s in range(1, 11)]  # fmt: skip
+    (train / "train_log.csv").write_text("\n".join(rows) + "\n")
+    log = read_train_log(train)
+    assert log["step"] == list(range(1, 11)) and log["epoch"][4:6] == [1.0, 2.0]
+    assert plot_training(train, tmp_path / "t.png").read_bytes().startswith(PNG_MAGIC)
+    (train / "train_log.csv").write_text("step,epoch,loss\n1,1,0.5\n")
+    with pytest.raises(Exception, match=r"train_log\.csv: not a tli result or damaged"):
+        plot_training(train, tmp_path / "u.png")
+    assert not (tmp_path / "u.png").exists()

@@ -156,13 +156,21 @@ def test_summarize_scores_per_set_and_direction():
 def test_fewshot_prompt_text():
     cfg = ProbeConfig()
     shots = [Pair("mbwa", "dog"), Pair("paka", "cat")]
-    assert fewshot_prompt("maji", shots, "s2t", cfg) == (
+    langs = ("Swahili", "English")
+    assert fewshot_prompt("maji", shots, "s2t", cfg, langs) == (
         "Translate each Swahili word into English.\n"
         "Swahili: mbwa\nEnglish: dog\nSwahili: paka\nEnglish: cat\nSwahili: maji\nEnglish:"
     )
-    assert fewshot_prompt("water", shots, "t2s", cfg) == (
+    assert fewshot_prompt("water", shots, "t2s", cfg, langs) == (
         "Translate each English word into Swahili.\n"
         "English: dog\nSwahili: mbwa\nEnglish: cat\nSwahili: paka\nEnglish: water\nSwahili:"
+    )
+    # the languages come from the pair config; none given: neutral names, never Swahili
+    assert fewshot_prompt("Wasser", [Pair("Hund", "dog")], "s2t", cfg, ("de", "en")) == (
+        "Translate each de word into en.\nde: Hund\nen: dog\nde: Wasser\nen:"
+    )
+    assert fewshot_prompt("maji", shots, "s2t", cfg).startswith(
+        "Translate each source word into target.\nsource: mbwa"
     )
 
 
@@ -347,7 +355,8 @@ def test_probe_scoring_hand_worked(model_dir, random_adapter, monkeypatch):
 
     monkeypatch.setattr(probe_module, "generate_answers", fake_answers)
     loaded = load_model(ModelConfig(str(model_dir)))
-    result = probe(loaded, random_adapter, SETS, ProbeConfig(score=True, **FAST))
+    result = probe(loaded, random_adapter, SETS, ProbeConfig(score=True, **FAST),
+                   languages=("Swahili", "English"))  # fmt: skip
     rows = {(r["set"], r["direction"]): r for r in result.scores}
     r = rows[("trained", "s2t")]
     assert (r["n"], r["base"], r["tuned"], r["lost"], r["gained"]) == (10, 9, 10, 0, 1)
@@ -618,7 +627,8 @@ def test_lm_rank_calibration_subtracts_the_content_free_prompt(model_dir, monkey
 
     monkeypatch.setattr(tli.generate, "continuation_scores", fake)
     loaded = load_model(ModelConfig(str(model_dir)))
-    out = lm_rank(loaded, SETS, ProbeConfig(shots=2, rank_sets=("trained",)))
+    cfg = ProbeConfig(shots=2, rank_sets=("trained",))
+    out = lm_rank(loaded, SETS, cfg, languages=("Swahili", "English"))
     (row,) = out["scores"]
     n = len(SETS["trained"])
     assert row["hits_raw"] == 1  # only the item whose gold is "child"

@@ -446,3 +446,82 @@ def test_train_checks_its_out_directory_before_loading_the_model(
     code, _, err = run_cli("train", "--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv",
                            "--layer", "2", "--out", inputs / "afile")  # fmt: skip
     assert_user_error(code, err, "afile")
+
+
+# --- training curves: trackers ----------------------------------------------------------------
+
+
+def test_report_to_tensorboard_writes_the_curves_into_the_training_directory(
+    run_cli, tmp_path, tiny_model_dir, inputs
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "t"
+    code, _, err = run_cli("train", "--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv",
+                           "--layer", "2", "--epochs", "2", "--batch-size", "8",
+                           "--warmup-steps", "2", "--report-to", "tensorboard",
+                           "--out", out)  # fmt: skip
+    assert code == 0, err
+    (logdir,) = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")
+                 if p.parent.name == "tli"}  # fmt: skip
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    rows = (out / "train_log.csv").read_text().splitlines()[1:]
+    log = [dict(zip(("step", "epoch", "loss", "pos_sim", "neg_sim", "lr"), r.split(","),
+                    strict=True)) for r in rows]  # fmt: skip
+    assert {"loss", "pos_sim", "neg_sim", "lr", "epoch"} <= set(events.Tags()["scalars"])
+    for tag in ("loss", "pos_sim", "neg_sim", "lr", "epoch"):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [int(r["step"]) for r in log]
+        assert [s.value for s in scalars] == pytest.approx([float(r[tag]) for r in log],
+                                                            rel=1e-6)  # fmt: skip
+
+
+def test_an_unknown_or_missing_tracker_is_one_line_before_any_model_loads(
+    run_cli, monkeypatch, tmp_path, tiny_model_dir, inputs
+):
+    import importlib.util
+
+    import tli.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before the tracker was checked")
+
+    monkeypatch.setattr(tli.models, "load_model", never)
+    common = ["--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv"]
+    code, _, err = run_cli("train", *common, "--layer", "2", "--report-to", "neptune",
+                           "--out", tmp_path / "t")  # fmt: skip
+    assert_user_error(code, err, "--report-to", "neptune", "none, tensorboard, mlflow, wandb")
+    code, _, err = run_cli("run", *common, "--report-to", "neptune", "--out", tmp_path / "r")
+    assert_user_error(code, err, "report_to must be one of", "neptune")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    code, _, err = run_cli("train", *common, "--layer", "2", "--report-to", "wandb",
+                           "--out", tmp_path / "t")  # fmt: skip
+    assert_user_error(code, err, "report_to wandb", "package wandb is not installed",
+                      "pip install wandb")  # fmt: skip
+    code, _, err = run_cli("run", *common, "--report-to", "wandb", "--out", tmp_path / "r")
+    assert_user_error(code, err, "package wandb is not installed")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "r").exists()
+
+
+def test_adapters_carry_a_model_card_for_every_epoch(tiny_model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    loaded = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+    card = {"languages": ["Swahili", "English"], "command": "tli train --layer 2",
+            "data": {"source": "/data/p.tsv", "sha256": {"p.tsv": "ab" * 32}, "trained": 12}}
+    train(loaded, PAIRS, TrainConfig(layer=2, **FAST), tmp_path / "run", progress=False,
+          card=card)  # fmt: skip
+    for name, epoch in (("epoch-1", 1), ("epoch-2", 2), ("final", 2)):
+        path = tmp_path / "run" / name / "README.md"
+        loaded_card = ModelCard.load(path)
+        assert loaded_card.data.language == ["sw", "en"], name
+        assert loaded_card.data.library_name == "peft" and loaded_card.data.base_model
+        text = path.read_text()
+        assert "[More Information Needed]" not in text and f"epoch {epoch} of 2" in text
+        assert "`ab" in text and "| `lora_r` | 16 |" in text and "tli train --layer 2" in text
+    meta = json.loads((tmp_path / "run" / "final" / "tli_adapter.json").read_text())
+    assert meta["languages"] == ["Swahili", "English"] and meta["train"]["lr"] == FAST["lr"]
+    assert meta["training_pairs"]["n"] == len(PAIRS)

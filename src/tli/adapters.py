@@ -7,8 +7,9 @@ probe, sweep) writes and checks adapters the same way:
   replacing the directory atomically;
 * :func:`read_adapter` reads and checks a directory without a model (files, JSON, weights);
 * :func:`check_adapter` checks it against a loaded model (name, architecture, depth, shapes);
-* :func:`merged` merges it into the model in place and can put the base weights back;
-  :func:`attached` attaches it unmerged for a block and removes it after.
+* :class:`Merged` merges it into the model in place and can put the base weights back (never
+  into quantized weights: merging would re-quantize them); :func:`attached` attaches it
+  unmerged for a block and removes it after.
 
 A missing or broken adapter is always an error, never a silent evaluation of the base model
 (the paper's evaluation script did that when the adapter path was wrong).
@@ -39,6 +40,8 @@ log = logging.getLogger("tli")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_META = "tli_adapter.json"
+#: The model card in an adapter directory (the file the Hub shows).
+CARD = "README.md"
 
 
 @contextmanager
@@ -57,8 +60,37 @@ def quiet_peft(record: bool = False) -> Iterator[list[warnings.WarningMessage]]:
         yield caught if caught is not None else []
 
 
+def write_card(adapter_dir: Path, evaluation: Any = None, meta: dict | None = None) -> Path:
+    """(Re)write the model card ``README.md`` of an adapter directory atomically; return it.
+
+    Args:
+        adapter_dir: The adapter directory.
+        evaluation: A :class:`tli.evaluate.EvalResult` of this adapter, whose verdicts and
+            Table 1 the card then shows.
+        meta: The adapter's metadata (default: its ``tli_adapter.json``).
+
+    Raises:
+        TLIError: ``meta`` is not given and the directory has no ``tli_adapter.json``.
+    """
+    from tli.card import card_text
+    from tli.io import atomic_write_text
+
+    adapter_dir = Path(adapter_dir)
+    if meta is None:
+        if not (adapter_dir / ADAPTER_META).is_file():
+            raise TLIError(f"adapter {adapter_dir}: no {ADAPTER_META} to write a model card from")
+        meta = read_json(adapter_dir / ADAPTER_META)
+    path = adapter_dir / CARD
+    atomic_write_text(path, card_text(meta, evaluation))
+    return path
+
+
 def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
-    """Write the adapter in peft's format (plus tli's metadata), replacing ``path`` atomically."""
+    """Write the adapter in peft's format, tli's metadata and the model card (:mod:`tli.card`).
+
+    ``path`` is replaced atomically: the files go to a temporary sibling that is renamed into
+    place, so a reader sees the old adapter or the new one, never a mixture.
+    """
     path = Path(path)
     ensure_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
@@ -68,6 +100,7 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
         # otherwise look the base model up on the hub to decide.
         model.save_pretrained(tmp, save_embedding_layers=False)
         atomic_write_json(tmp / ADAPTER_META, meta)
+        write_card(tmp, meta=meta)  # replaces peft's template
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -200,7 +233,41 @@ def model_facts(loaded: Any) -> dict[str, Any]:
         "model_type": loaded.model.config.model_type,
         "num_layers": loaded.num_layers,
         "hidden_size": surgery.hidden_size(loaded.model),
+        "quantization": getattr(loaded, "quantization", None),
     }
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether the model's weights are quantized (bitsandbytes 4-bit or 8-bit)."""
+    get_base = getattr(model, "get_base_model", None)
+    model = get_base() if callable(get_base) else model
+    return any(getattr(model, f"is_loaded_in_{bits}bit", False) for bits in (4, 8))
+
+
+def _weights_in_words(quantization: dict[str, Any] | None) -> str:
+    if not quantization:
+        return "unquantized"
+    return f"{quantization.get('bits', 4)}-bit {quantization.get('quant_type', 'nf4').upper()}"
+
+
+def quantization_note(info: AdapterInfo, loaded: Any) -> str | None:
+    """A warning when the adapter was trained on a base quantized differently from ``loaded``.
+
+    Allowed (LoRA weights do not depend on the base's storage), but the figures then measure
+    the adapter on a base it was not trained on. None when they agree or the adapter does not
+    record its base's quantization (adapters from before tli recorded it).
+    """
+    if "quantization" not in info.meta:
+        return None
+    trained = info.meta.get("quantization") or None
+    here = getattr(loaded, "quantization", None)
+    if bool(trained) == bool(here):
+        return None
+    return (
+        f"adapter {info.dir} was trained on {_weights_in_words(trained)} weights but is applied "
+        f"to {_weights_in_words(here)} weights of {loaded.name!r}: allowed, but the figures "
+        "measure it on a base it was not trained on"
+    )
 
 
 def check_adapter(info: AdapterInfo, loaded: Any) -> None:
@@ -297,6 +364,11 @@ class Merged:
 
     def __init__(self, loaded: Any, info: AdapterInfo, use: str = "evaluated") -> None:
         model = loaded.model
+        if is_quantized(model):  # merging re-quantizes: every figure would carry rounding error
+            raise TLIError(
+                f"the adapter cannot be merged into the quantized weights of {loaded.name!r}; "
+                "apply it unmerged (tli.adapters.attached)"
+            )
         self.saved: dict[str, dict[str, torch.Tensor]] | None = {}
         for name in info.modules:
             params = dict(model.get_submodule(name).named_parameters(recurse=False))

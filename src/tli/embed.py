@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -277,6 +278,48 @@ def embed_strings(
             out[:, idx] = vectors.float().cpu()
     assert out is not None
     return out
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """Pooled vectors of strings at layers, with what made them: enough to reuse them safely.
+
+    A stage that needs the same strings embedded by the same model object, at the same layers,
+    with the same pooling and batch size (so the same padding), gets bit-identical vectors from
+    :func:`embed_strings`; :meth:`matches` says when it can take these instead.
+
+    Attributes:
+        model: The module that embedded them (compared by identity).
+        texts: The strings, in the order of the vectors' second axis.
+        layers: The layer of each row of the first axis.
+        pooling: The pooling.
+        batch_size: Strings per forward pass.
+        vectors: ``(L, S, D)`` float32 on the CPU.
+    """
+
+    model: Any = field(repr=False)
+    texts: tuple[str, ...]
+    layers: tuple[int, ...]
+    pooling: str
+    batch_size: int
+    vectors: torch.Tensor = field(repr=False)
+
+    def matches(
+        self,
+        model: Any,
+        texts: Sequence[str],
+        layers: Sequence[int],
+        pooling: str,
+        batch_size: int,
+    ) -> bool:
+        """Whether :func:`embed_strings` with these arguments would give :attr:`vectors`."""
+        return (
+            self.model is model
+            and self.texts == tuple(texts)
+            and self.layers == tuple(layers)
+            and self.pooling == pooling
+            and self.batch_size == batch_size
+        )
 
 
 def embed(

@@ -44,13 +44,16 @@ from tli.adapters import (
     ADAPTER_META,
     AdapterInfo,
     Merged,
+    attached,
     check_adapter,
     check_base,
+    is_quantized,
     model_facts,
+    quantization_note,
     read_adapter,
 )
 from tli.config import check_int, check_one_of, check_range, check_unit
-from tli.embed import POOLINGS, Pooling
+from tli.embed import POOLINGS, Embedding, Pooling
 from tli.errors import TLIError, first_line
 from tli.io import nan_from_null
 from tli.metrics import (
@@ -344,6 +347,7 @@ class EvalResult:
             (:func:`tli.yardsticks.frozen_yardsticks`); empty in evaluations of older tli.
         perplexity: The do-no-harm check: ``enabled``, ``reason`` (why it is off) and ``sets``
             (key -> :func:`tli.perplexity.perplexity_change` plus ``name`` and ``source``).
+        languages: The source and target language names, for labels.
     """
 
     config: EvalConfig
@@ -362,6 +366,7 @@ class EvalResult:
     vectors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     yardsticks: dict[str, Any] = field(default_factory=dict)
     perplexity: dict[str, Any] = field(default_factory=dict)
+    languages: tuple[str, str] = ("source", "target")
 
     @property
     def headline_layer(self) -> int:
@@ -465,6 +470,7 @@ class EvalResult:
             "config": dataclasses.asdict(self.config),
             "model": dict(self.model),
             "adapter": dict(self.adapter),
+            "languages": list(self.languages),
             "num_layers": self.num_layers,
             "layers": list(self.layers),
             "headline_layer": self.headline_layer,
@@ -523,6 +529,7 @@ class EvalResult:
                 "final_layer": str(self.num_layers),
                 "target_layer": "" if self.target_layer is None else str(self.target_layer),
                 "pairs": json.dumps(self.pairs, ensure_ascii=False),
+                "languages": json.dumps(list(self.languages), ensure_ascii=False),
             }
             tensors = {k: v.contiguous() for k, v in self.vectors.items()}
             atomic_write_safetensors(directory / VECTORS_NAME, tensors, metadata=meta)
@@ -594,6 +601,7 @@ class EvalResult:
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
                 yardsticks=yardsticks_from_json(data.get("yardsticks")),
                 perplexity=dict(data.get("perplexity") or {}),
+                languages=tuple(data.get("languages", ("source", "target"))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise TLIError(f"{path}: not a tli evaluation ({type(err).__name__}: {err})") from None
@@ -616,6 +624,7 @@ def load_vectors(directory: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = dict(f.metadata() or {})
         meta["pairs"] = json.loads(meta.get("pairs", "{}"))
+        meta["languages"] = json.loads(meta.get("languages", '["source", "target"]'))
     except Exception as err:  # safetensors raises its own error types for every corruption
         raise TLIError(
             f"{path}: corrupted or unreadable ({type(err).__name__}: {first_line(err)})"
@@ -701,6 +710,9 @@ def evaluate(
     sets: Mapping[str, Sequence[Any]],
     cfg: EvalConfig | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    *,
+    languages: tuple[str, str] = ("source", "target"),
+    base_vectors: Embedding | None = None,
 ) -> EvalResult:
     """Evaluate an adapter: base vs. base + merged adapter, every set, every layer.
 
@@ -708,8 +720,10 @@ def evaluate(
     embedded before it passes. The base model embeds every string at every layer, then the
     adapter is merged into it (``merge_and_unload``) and the merged model embeds them again.
     Afterwards the base weights are restored exactly, so ``base`` can be used again (except for
-    4-bit weights or adapters with ``modules_to_save``, where a warning says it holds the merged
-    model).
+    adapters with ``modules_to_save``, where a warning says it holds the merged model). On a
+    quantized base the adapter is never merged (that would re-quantize the weights): it is
+    attached unmerged (:func:`tli.adapters.attached`) and removed after. ``evaluation.json``
+    records which (``adapter.applied``).
 
     Args:
         base: A full-depth :class:`tli.models.LoadedModel` (not built with ``max_layer``).
@@ -718,6 +732,11 @@ def evaluate(
             sets are skipped; a set needs at least 2 pairs.
         cfg: Settings (defaults: :class:`EvalConfig`).
         out_dir: If given, the result is saved there (:meth:`EvalResult.save`).
+        languages: The source and target language names, for labels.
+        base_vectors: Vectors the base model already gave (e.g. the layer scan's, in
+            ``tli run``); used instead of embedding again when they are of the same model
+            object, strings, layers, pooling and batch size (:meth:`Embedding.matches`), so
+            the figures are the same either way.
 
     Returns:
         The :class:`EvalResult`.
@@ -735,6 +754,9 @@ def evaluate(
     check_base(base, "the evaluation")
     check_adapter(info, base)
     notes = _training_pair_warnings(info, sets)
+    mismatch = quantization_note(info, base)
+    if mismatch:
+        notes.append(mismatch)
     if info.meta.get("pooling") and info.meta["pooling"] != cfg.pooling:
         notes.append(
             f"the adapter was trained with pooling {info.meta['pooling']!r} but is evaluated with "
@@ -777,18 +799,33 @@ def evaluate(
             for key, item in harm_texts.items()
         }
 
-    pre_vectors = run(base.model)
+    reused = base_vectors is not None and base_vectors.matches(
+        base.model, texts, layers, cfg.pooling, cfg.batch_size
+    )
+    pre_vectors = base_vectors.vectors if reused else run(base.model)
     embedded_pre = time.perf_counter()
     base_nll = nll(base.model)
     scored_pre = time.perf_counter()
-    merged = Merged(base, info)
-    merged_at = time.perf_counter()
-    try:
-        post_vectors = run(merged.model)
-        embedded_post = time.perf_counter()
-        tuned_nll = nll(merged.model)
-    finally:
-        restored = merged.restore()
+    if is_quantized(base.model):
+        # Merging into 4-bit weights re-quantizes them, so every post figure would carry
+        # rounding error unrelated to training (docs/evaluation.md): run the adapter unmerged.
+        applied = "unmerged (peft forward; the base is quantized)"
+        with attached(base, info, "evaluated") as tuned:
+            merged_at = time.perf_counter()
+            post_vectors = run(tuned)
+            embedded_post = time.perf_counter()
+            tuned_nll = nll(tuned)
+        restored = True
+    else:
+        applied = "merged (merge_and_unload)"
+        merged = Merged(base, info)
+        merged_at = time.perf_counter()
+        try:
+            post_vectors = run(merged.model)
+            embedded_post = time.perf_counter()
+            tuned_nll = nll(merged.model)
+        finally:
+            restored = merged.restore()
     scored_post = time.perf_counter()
     if not restored:
         notes.append(
@@ -829,7 +866,7 @@ def evaluate(
     result = EvalResult(
         config=cfg,
         model=model_facts(base),
-        adapter=info.summary(),
+        adapter={**info.summary(), "applied": applied},
         num_layers=n,
         layers=layers,
         target_layer=info.layer,
@@ -848,10 +885,12 @@ def evaluate(
             "perplexity_post_s": scored_post - embedded_post,
             "metrics_s": computed - scored_post,
             "n_strings": float(len(texts)),
+            "base_vectors_reused": float(reused),
         },
         vectors=vectors,
         yardsticks=yardsticks,
         perplexity=perplexity,
+        languages=(str(languages[0]), str(languages[1])),
     )
     result.timings["total_s"] = computed - start
     if out_dir is not None:

@@ -1,9 +1,16 @@
 """Word pairs: read and validate pair files, group glosses, split without leakage.
 
 One `Pair` type feeds every stage. Readers accept the paper's JSON (a list of
-``{"swahili": ..., "english": ...}``), JSON with other keys, JSONL, and CSV/TSV with a header.
-Bad input raises `TLIError` naming the file and the line (TSV, CSV, JSONL) or record (JSON,
-numbered from 1). Harmless problems are repaired with one summary warning per kind.
+``{"swahili": ..., "english": ...}``), JSON with other keys, JSONL, CSV/TSV with a header, and
+MUSE/vecmap bilingual dictionaries (``.txt``: one ``source target`` pair per line, separated by
+whitespace; a repeated source lists an alternative translation). `write_pairs` writes every one
+of these formats. Bad input raises `TLIError` naming the file and the line (TSV, CSV, JSONL,
+MUSE) or record (JSON, numbered from 1). Harmless problems are repaired with one summary warning
+per kind.
+
+The languages of a pair list (its labels in every table, figure and report) come from the pair
+config (``--src-lang`` / ``--tgt-lang``), else from the file's keys (`language_name`), else from
+a MUSE file's name (``de-en.txt``); the bundled lexicon is Swahili-English.
 
 The split puts whole groups of related items on one side, so that no control item shares a
 Swahili headword, root or stem, or an English gloss (after lower-casing and reducing plurals),
@@ -31,8 +38,10 @@ from tli.io import atomic_open
 
 log = logging.getLogger("tli")
 
-#: File formats the readers know, by name; `read_pairs` picks one from the file's extension.
-FORMATS = ("json", "jsonl", "csv", "tsv")
+#: File formats the readers and writers know, by name; the extension picks one by default.
+FORMATS = ("json", "jsonl", "csv", "tsv", "muse")
+#: File extension -> format, where the two differ (MUSE and vecmap dictionaries are ``.txt``).
+EXTENSIONS = {"txt": "muse"}
 #: Values of the ``split`` column.
 SPLITS = ("trained", "control")
 #: Default field (or column) names of the source word and its translation in pair files.
@@ -102,6 +111,8 @@ class _Repairs:
     def __init__(self, name: str) -> None:
         self.name = name
         self.seen: dict[str, list[Any]] = {}
+        self.keys: dict[str, str] = {}  # "source"/"target" -> the field the file used
+
 
     def note(self, kind: str, where: str) -> None:
         entry = self.seen.setdefault(kind, [0, where])
@@ -138,6 +149,7 @@ def _required(rec: dict, keys: Sequence[str], name: str, where: str, repairs: _R
     key = next((k for k in keys if k in rec), None)
     if key is None:
         raise _bad(name, where, f'missing field "{keys[0]}"')
+    repairs.keys.setdefault(keys[-1], key)
     value = rec[key]
     if not isinstance(value, str):
         kind = "null" if value is None else type(value).__name__
@@ -243,6 +255,21 @@ def _jsonl_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
         yield f"line {i}", rec
 
 
+def _muse_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
+    """MUSE/vecmap lines: ``source target``, whitespace-separated; blank lines skipped."""
+    for i, line in enumerate(text.split("\n"), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise _bad(
+                name,
+                f"line {i}",
+                f"expected 2 whitespace-separated fields (source target), found {len(fields)}",
+            )
+        yield f"line {i}", {"source": fields[0], "target": fields[1]}
+
+
 def _tsv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
     for i, line in enumerate(text.split("\n"), start=1):
         yield i, line.removesuffix("\r").split("\t")
@@ -292,24 +319,38 @@ def _keys_lower(rec: dict, src_key: str, tgt_key: str) -> dict:
     return rec
 
 
-def _detect_format(path: Path, fmt: str | None) -> str:
+def detect_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
+    """``fmt`` if given (checked), else the format of the file's extension (`EXTENSIONS`)."""
+    path = Path(path)
     if fmt is not None:
         if fmt not in FORMATS:
             raise TLIError(f"{path}: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
         return fmt
     suffix = path.suffix.lower().lstrip(".")
+    suffix = EXTENSIONS.get(suffix, suffix)
     if suffix not in FORMATS:
+        known = [f for f in FORMATS if f not in EXTENSIONS.values()] + list(EXTENSIONS)
         raise TLIError(
             f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-            f"use one of .{', .'.join(FORMATS)} or give the format"
+            f"use one of .{', .'.join(known)} or give the format"
         )
     return suffix
 
 
 def parse_pairs(
-    data: bytes, name: str, fmt: str, *, src_key: str = SRC_KEY, tgt_key: str = TGT_KEY
+    data: bytes,
+    name: str,
+    fmt: str,
+    *,
+    src_key: str = SRC_KEY,
+    tgt_key: str = TGT_KEY,
+    keys: dict[str, str] | None = None,
 ) -> list[Pair]:
-    """Parse the bytes of a pair file; see `read_pairs`. ``name`` is used in messages."""
+    """Parse the bytes of a pair file; see `read_pairs`. ``name`` is used in messages.
+
+    ``keys``, if given, receives the fields the file used for ``"source"`` and ``"target"``
+    (``src_key`` or the fallback ``source``; nothing for a MUSE file, which has no fields).
+    """
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -318,6 +359,8 @@ def parse_pairs(
     text = text.removeprefix("\ufeff")
     if fmt == "json":
         records = _json_records(text, name)
+    elif fmt == "muse":
+        records = _muse_records(text, name)
     elif fmt == "jsonl":
         records = _jsonl_records(text, name)
     else:
@@ -339,6 +382,8 @@ def parse_pairs(
         raise _bad(name, None, "no pairs")
     grouped = group_pairs(pairs, _repairs=repairs)
     repairs.report()
+    if keys is not None and fmt != "muse":
+        keys.update(repairs.keys)
     return grouped
 
 
@@ -348,14 +393,16 @@ def read_pairs(
     src_key: str = SRC_KEY,
     tgt_key: str = TGT_KEY,
     fmt: str | None = None,
+    keys: dict[str, str] | None = None,
 ) -> list[Pair]:
     """Read, validate and group a pair file.
 
     Args:
-        path: A ``.json``, ``.jsonl``, ``.csv`` or ``.tsv`` file.
+        path: A ``.json``, ``.jsonl``, ``.csv``, ``.tsv`` or (MUSE) ``.txt`` file.
         src_key: Field (or column) of the source word; ``source`` is accepted too.
         tgt_key: Field (or column) of the translation; ``target`` is accepted too.
         fmt: One of `FORMATS`; by default taken from the extension.
+        keys: If given, receives the fields the file used (see `parse_pairs`).
 
     Returns:
         One Pair per distinct source, in order of first appearance; further translations of a
@@ -363,15 +410,16 @@ def read_pairs(
 
     Raises:
         TLIError: The file is missing, unreadable, not UTF-8, bad JSON or CSV, lacks a field,
-            has an empty field, a row with the wrong number of columns, or no pairs.
+            has an empty field, a row with the wrong number of columns (a MUSE line of other
+            than two fields), or no pairs.
     """
     path = Path(path)
-    fmt = _detect_format(path, fmt)
+    fmt = detect_format(path, fmt)
     try:
         data = path.read_bytes()
     except OSError as err:
         raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
-    return parse_pairs(data, str(path), fmt, src_key=src_key, tgt_key=tgt_key)
+    return parse_pairs(data, str(path), fmt, src_key=src_key, tgt_key=tgt_key, keys=keys)
 
 
 def load_lexicon() -> list[Pair]:
@@ -413,32 +461,97 @@ def group_pairs(pairs: Iterable[Pair], *, _repairs: _Repairs | None = None) -> l
     return list(merged.values())
 
 
+def _cells(p: Pair) -> tuple[str, ...]:
+    """One pair in the lexicon's column order (`EXTRA_COLUMNS` after source and target)."""
+    return (
+        p.source,
+        p.target,
+        ALT_SEP.join(p.alternatives),
+        p.pos or "",
+        p.category or "",
+        p.root or "",
+        "1" if p.is_stem else "0",
+        p.split or "",
+    )
+
+
+def _record(p: Pair, src_key: str, tgt_key: str) -> dict[str, Any]:
+    """One pair as a JSON object: the two keys, then the metadata it has."""
+    rec: dict[str, Any] = {src_key: p.source, tgt_key: p.target}
+    if p.alternatives:
+        rec["alternatives"] = list(p.alternatives)
+    for key in ("pos", "category", "root", "split"):
+        if getattr(p, key) is not None:
+            rec[key] = getattr(p, key)
+    rec["is_stem"] = p.is_stem
+    return rec
+
+
+def _muse_lines(pairs: Sequence[Pair], path: Path) -> list[str]:
+    """``source target`` per translation; metadata that MUSE cannot hold is named in a warning."""
+    lines = []
+    for p in pairs:
+        for target in p.targets:
+            for text in (p.source, target):
+                if len(text.split()) != 1 or text != text.strip():
+                    raise TLIError(
+                        f"{path}: cannot write {text!r} (source {p.source!r}) to a MUSE file: "
+                        "its fields are separated by whitespace, so an entry must be one word"
+                    )
+            lines.append(f"{p.source} {target}")
+    lost = [k for k in ("pos", "category", "root", "split") if any(getattr(p, k) for p in pairs)]
+    if lost:
+        log.warning(
+            "%s: a MUSE file holds source and target only; dropped the column(s) %s",
+            path,
+            ", ".join(lost),
+        )
+    return lines
+
+
 def write_pairs(
     pairs: Iterable[Pair],
     path: str | os.PathLike[str],
     *,
     src_key: str = SRC_KEY,
     tgt_key: str = TGT_KEY,
+    fmt: str | None = None,
 ) -> None:
-    """Write pairs as TSV in the lexicon's layout, atomically (temp file, then rename)."""
+    """Write pairs atomically (temp file, then rename) in any of `FORMATS`.
+
+    The format is ``fmt``, else the file's extension. TSV and CSV use the lexicon's layout
+    (``src_key``, ``tgt_key``, then `EXTRA_COLUMNS`); JSON is a list of objects and JSONL one
+    object per line, each with the two keys and the metadata the pair has; a MUSE file gets one
+    ``source target`` line per translation (alternatives repeat the source) and no metadata.
+    `read_pairs` reads each back to the same pairs (MUSE: without the metadata).
+
+    Raises:
+        TLIError: The format is unknown, or a MUSE entry holds whitespace.
+    """
     path = Path(path)
-    if path.suffix.lower() != ".tsv":
-        raise TLIError(f"{path}: pairs are written as TSV; give a .tsv file name")
-    lines = ["\t".join((src_key, tgt_key, *EXTRA_COLUMNS))]
-    for p in pairs:
-        cells = (
-            p.source,
-            p.target,
-            ALT_SEP.join(p.alternatives),
-            p.pos or "",
-            p.category or "",
-            p.root or "",
-            "1" if p.is_stem else "0",
-            p.split or "",
+    fmt = detect_format(path, fmt)
+    pairs = list(pairs)
+    if fmt in ("tsv", "csv"):
+        buf = io.StringIO()
+        if fmt == "csv":
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow((src_key, tgt_key, *EXTRA_COLUMNS))
+            writer.writerows(_cells(p) for p in pairs)
+            text = buf.getvalue()
+        else:
+            rows = [(src_key, tgt_key, *EXTRA_COLUMNS), *(_cells(p) for p in pairs)]
+            text = "".join("\t".join(row) + "\n" for row in rows)
+    elif fmt == "json":
+        records = [_record(p, src_key, tgt_key) for p in pairs]
+        text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
+    elif fmt == "jsonl":
+        text = "".join(
+            json.dumps(_record(p, src_key, tgt_key), ensure_ascii=False) + "\n" for p in pairs
         )
-        lines.append("\t".join(cells))
-    with atomic_open(path, "w", encoding="utf-8", newline="\n") as handle:
-        handle.write("\n".join(lines) + "\n")
+    else:
+        text = "".join(line + "\n" for line in _muse_lines(pairs, path))
+    with atomic_open(path, "w", encoding="utf-8", newline="") as handle:
+        handle.write(text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -685,8 +798,15 @@ def split_sets(pairs: Iterable[Pair]) -> dict[str, list[Pair]]:
     return sets
 
 
-def check_leakage(trained: Iterable[Pair], control: Iterable[Pair]) -> list[str]:
-    """One line per control pair that shares a headword, root, stem or gloss with a trained pair."""
+def check_leakage(
+    trained: Iterable[Pair],
+    control: Iterable[Pair],
+    languages: tuple[str, str] = ("source", "target"),
+) -> list[str]:
+    """One line per control pair that shares a headword, root, stem or gloss with a trained pair.
+
+    ``languages`` names the two sides in the lines (e.g. ``("Swahili", "English")``).
+    """
     owners: dict[str, list[Pair]] = defaultdict(list)
     for p in trained:
         for key in leakage_keys(p):
@@ -694,7 +814,9 @@ def check_leakage(trained: Iterable[Pair], control: Iterable[Pair]) -> list[str]
     found: list[str] = []
     for c in control:
         for key in sorted(leakage_keys(c)):
-            what = "Swahili headword/root/word" if key.startswith("sw:") else "English gloss"
+            what = f"{languages[0]} headword/root/word" if key.startswith("sw:") else (
+                f"{languages[1]} gloss"
+            )
             for t in owners.get(key, ()):
                 found.append(
                     f'control "{c.source}" ({c.target}) shares the {what} "{key[3:]}" '
@@ -786,6 +908,58 @@ def check_sets(sets: Mapping[str, Sequence[Pair]], stage: str = "the scan") -> d
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Languages
+
+#: The languages of the bundled lexicon.
+LEXICON_LANGUAGES = ("Swahili", "English")
+#: A MUSE dictionary's file name that names its languages, e.g. ``de-en.txt``, ``sw-en.0-5000.txt``.
+_MUSE_NAME = re.compile(r"^([A-Za-z]{2,3})-([A-Za-z]{2,3})(?:[._-]|$)")
+
+
+def language_name(key: str) -> str:
+    """The label of a language given as a file key or a name: ``swahili`` -> ``Swahili``.
+
+    A key that looks like a word (more than 3 letters) is capitalised; codes such as ``de`` or
+    ``sw`` and the neutral ``source`` / ``target`` stay as they are.
+    """
+    key = key.strip()
+    if key in ("source", "target") or not key.isalpha() or len(key) <= 3:
+        return key
+    return key[0].upper() + key[1:]
+
+
+def file_languages(
+    path: str | os.PathLike[str], fmt: str, keys: Mapping[str, str]
+) -> tuple[str, str]:
+    """The languages a pair file names: its keys, or a MUSE file's ``xx-yy`` name."""
+    if fmt == "muse":
+        found = _MUSE_NAME.match(Path(path).name)
+        return (found.group(1), found.group(2)) if found else ("source", "target")
+    return language_name(keys.get("source", "source")), language_name(keys.get("target", "target"))
+
+
+def language_code(name: str) -> str | None:
+    """The IETF/ISO 639 code of a language name or code (``Swahili`` -> ``sw``), else None."""
+    import langcodes
+
+    text = name.strip()
+    try:
+        if langcodes.tag_is_valid(text) and text.lower() not in ("source", "target"):
+            return langcodes.standardize_tag(text)
+        return str(langcodes.find(text).language)
+    except (LookupError, ValueError):
+        return None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The SHA-256 of a file's bytes (hex), to record which data a run used."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+
+
 @dataclass
 class PairSets:
     """The trained and control sets a command works on, and where they came from.
@@ -797,6 +971,8 @@ class PairSets:
         source: The pair file, or "the bundled lexicon".
         control_source: The control file, if one was given.
         how: How the sets were formed, in words (for summaries).
+        languages: The source and target language, as labels (:func:`language_name`).
+        sha256: File name -> SHA-256 of its bytes (the bundled lexicon's too).
     """
 
     trained: list[Pair]
@@ -805,6 +981,21 @@ class PairSets:
     source: str
     control_source: str | None = None
     how: str = ""
+    languages: tuple[str, str] = ("source", "target")
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """What a run records about its data: files, digests, counts, languages, the split."""
+        return {
+            "source": self.source,
+            "control_source": self.control_source,
+            "sha256": dict(self.sha256),
+            "trained": len(self.trained),
+            "control": len(self.control),
+            "how": self.how,
+            "src_lang": self.languages[0],
+            "tgt_lang": self.languages[1],
+        }
 
     @property
     def where(self) -> str:
@@ -836,6 +1027,8 @@ def load_sets(
     resplit: bool = False,
     control_fraction: float = 0.1,
     split_seed: int = 0,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
 ) -> PairSets:
     """The trained and control sets of ``--pairs`` / ``--control``: the one rule of every command.
 
@@ -850,13 +1043,27 @@ def load_sets(
     The leakage check (:func:`check_leakage`) runs on every path; its lines are returned, not
     logged (:meth:`PairSets.warn_leakage` logs one summary).
 
+    The languages are ``src_lang`` / ``tgt_lang`` where given, else those of the bundled
+    lexicon (Swahili, English), else the file's (:func:`file_languages`).
+
     Raises:
         TLIError: A file cannot be read or parsed, or ``control`` conflicts with the file's split.
     """
+    keys: dict[str, str] = {}
+    digests: dict[str, str] = {}
     if file is None:
         found, name = load_lexicon(), "the bundled lexicon"
+        langs = LEXICON_LANGUAGES
+        from importlib import resources
+
+        data = resources.files("tli").joinpath("data/lexicon.tsv").read_bytes()
+        digests["tli/data/lexicon.tsv"] = hashlib.sha256(data).hexdigest()
     else:
-        found, name = read_pairs(file, src_key=src_key, tgt_key=tgt_key), str(file)
+        found = read_pairs(file, src_key=src_key, tgt_key=tgt_key, keys=keys)
+        name = str(file)
+        langs = file_languages(file, detect_format(file), keys)
+        digests[Path(file).name] = file_sha256(file)
+    languages = (src_lang or langs[0], tgt_lang or langs[1])
     has_split = any(p.split for p in found)
     if control is not None:
         sets = split_sets(found)
@@ -870,6 +1077,7 @@ def load_sets(
             replace(p, split="control")
             for p in read_pairs(control, src_key=src_key, tgt_key=tgt_key)
         ]
+        digests[Path(control).name] = file_sha256(control)
         how = f"trained: every pair of {name}; control: every pair of {control}"
     else:
         if resplit or (split_unsplit and not has_split):
@@ -885,10 +1093,12 @@ def load_sets(
     return PairSets(
         trained=trained,
         control=held,
-        leaks=check_leakage(trained, held),
+        leaks=check_leakage(trained, held, languages),
         source=name,
         control_source=None if control is None else str(control),
         how=how,
+        languages=languages,
+        sha256=digests,
     )
 
 

@@ -93,6 +93,7 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
     plt = _pyplot()
     layers = result.layers
     names = list(result.sets)
+    src, tgt = result.languages
     colours = {n: _COLOURS[i % len(_COLOURS)] for i, n in enumerate(names)}
     width = 0.8 / len(names)
     offsets = {n: (i - (len(names) - 1) / 2) * width for i, n in enumerate(names)}
@@ -136,7 +137,7 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
             markersize=3,
             linestyle=":",
             linewidth=1.2,
-            label=f"{n}: P@1 src→tgt (NN)",
+            label=f"{n}: P@1 {src}→{tgt} (NN)",
         )
         lowest = min(lowest, *s["pair_mean"], *s["baseline"])
     yard_sets = (result.yardsticks or {}).get("sets", {})
@@ -172,7 +173,7 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
         )
     top_p = max(max(max(result.sets[n]["p_at_1_s2t_nn"]) for n in names), *yard_top)
     ax_p.set_ylim(0, max(0.05, 1.15 * top_p, 2 * max(chance.values())))
-    ax_p.set_ylabel("P@1 (source → target)")
+    ax_p.set_ylabel(f"P@1 ({src} → {tgt})")
     chosen = result.chosen_layer
     ax.axvline(
         chosen,
@@ -219,8 +220,8 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
     more_h, more_l = ax_p.get_legend_handles_labels()
     fig.legend(handles + more_h, labels + more_l, loc="outside lower center", ncol=2, fontsize=7)
     fig.suptitle(
-        f"{result.model}: alignment per layer ({result.config.pooling} pooling); "
-        f"chosen layer {chosen}",
+        f"{result.model}, {src} → {tgt}: alignment per layer ({result.config.pooling} "
+        f"pooling); chosen layer {chosen}",
         fontsize=10,
     )
     return _save(fig, path)
@@ -264,6 +265,7 @@ def plot_tsne(
     from tli.evaluate import load_vectors
 
     tensors, meta = load_vectors(eval_dir)
+    src_lang, tgt_lang = meta.get("languages", ("source", "target"))
     plt = _pyplot()
     written = []
     for when, path in (("pre", before), ("post", after)):
@@ -304,7 +306,7 @@ def plot_tsne(
                 marker=marker,
                 s=28,
                 zorder=2,
-                label=f"source ({name})",
+                label=f"{src_lang} ({name})",
             )
             ax.scatter(
                 tgt[:, 0],
@@ -313,7 +315,7 @@ def plot_tsne(
                 marker=marker,
                 s=28,
                 zorder=2,
-                label=f"target ({name})",
+                label=f"{tgt_lang} ({name})",
             )
         for (px, py), text in zip(xy, labels, strict=True):
             ax.annotate(
@@ -321,7 +323,7 @@ def plot_tsne(
             )
         title = "before training (pre)" if when == "pre" else "after training (post)"
         ax.set_title(
-            f"t-SNE of final-layer (layer {final}) vectors, {title}; "
+            f"t-SNE of final-layer (layer {final}) vectors, {src_lang} → {tgt_lang}, {title}; "
             f"perplexity {tsne_perplexity(len(x)):.0f}",
             fontsize=10,
         )
@@ -344,6 +346,7 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
     result = EvalResult.load(eval_dir)
     layers = result.layers
     names = list(result.sets)
+    src, tgt = result.languages
     with _reading(Path(eval_dir) / "evaluation.json"):
         for name in names:
             for when in ("pre", "post"):
@@ -379,7 +382,7 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
                 figs[when]["p_at_1_s2t_nn"],
                 style,
                 color="tab:green",
-                label=f"P@1 s->t NN ({when})",
+                label=f"P@1 {src}→{tgt} NN ({when})",
             )
             if "p_at_1_s2t_centered" in figs[when]:  # absent in evaluations of older tli
                 bottom.plot(
@@ -387,7 +390,7 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
                     figs[when]["p_at_1_s2t_centered"],
                     style,
                     color="tab:purple",
-                    label=f"P@1 s->t centred NN ({when})",
+                    label=f"P@1 {src}→{tgt} centred NN ({when})",
                 )
         yard = (result.yardsticks or {}).get("sets", {}).get(name, {})
         tag = " in-sample" if name in (result.yardsticks or {}).get("in_sample", []) else ""
@@ -682,6 +685,68 @@ def plot_yardsticks(
     return _save(fig, path)
 
 
+def read_train_log(train_dir: str | os.PathLike[str]) -> dict[str, list[float]]:
+    """The columns of a training directory's ``train_log.csv`` (step, epoch, loss, ... lr)."""
+    path = Path(train_dir) / "train_log.csv"
+    with _reading(path):
+        rows = list(csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))))
+        if not rows:
+            raise ValueError("no steps")
+        columns = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
+        return {c: [float(r[c]) for r in rows] for c in columns}
+
+
+def plot_training(train_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Training curves per step from ``train_log.csv``: loss, similarities, learning rate.
+
+    Top: the loss. Middle: the mean cosine of each anchor with its positive (``pos_sim``) and
+    with its in-batch negatives (``neg_sim``, as the loss weighs them). Bottom: the learning
+    rate (warm-up, then linear decay). Dotted lines mark the end of each epoch.
+
+    Args:
+        train_dir: A training directory (``train_log.csv`` inside).
+        path: Where to write the PNG.
+    """
+    log = read_train_log(train_dir)
+    config = Path(train_dir) / "train_config.json"
+    loss_name = ""
+    if config.is_file():
+        with _reading(config):
+            import json
+
+            loss_name = str(json.loads(config.read_text(encoding="utf-8"))["train"]["loss"])
+    plt = _pyplot()
+    steps = log["step"]
+    marker = "o" if len(steps) < 30 else None
+    fig, (ax_l, ax_s, ax_r) = plt.subplots(
+        3, 1, sharex=True, figsize=(8, 7), gridspec_kw={"height_ratios": [2, 2, 1]}
+    )
+    ax_l.plot(steps, log["loss"], color="tab:purple", marker=marker, markersize=3, lw=1)
+    ax_l.set_ylabel(f"loss ({loss_name})" if loss_name else "loss")
+    ax_s.plot(steps, log["pos_sim"], color="tab:blue", marker=marker, markersize=3, lw=1,
+              label="pos_sim: anchor · its translation")  # fmt: skip
+    ax_s.plot(steps, log["neg_sim"], color="0.45", marker=marker, markersize=3, lw=1,
+              label="neg_sim: anchor · in-batch negatives")  # fmt: skip
+    ax_s.set_ylabel("cosine")
+    ax_s.legend(fontsize=8, loc="best")
+    ax_r.plot(steps, log["lr"], color="tab:green", lw=1.2)
+    ax_r.set_ylabel("learning rate")
+    ax_r.set_xlabel("step")
+    ends = [s for s, e, nxt in zip(steps, log["epoch"], log["epoch"][1:], strict=False) if nxt != e]
+    for ax in (ax_l, ax_s, ax_r):
+        for end in ends:
+            ax.axvline(end + 0.5, color="black", ls=":", lw=0.8)
+        ax.grid(alpha=0.3)
+    epochs = int(max(log["epoch"]))
+    fig.suptitle(
+        f"training: {len(steps)} steps, {epochs} epoch{'s' if epochs != 1 else ''} "
+        "(dotted: end of an epoch)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 #: What the t-SNE figures cannot show; printed under them in the report (and in the docs).
 TSNE_NOTE = (
     "t-SNE is fitted separately before and after training and keeps only neighbourhoods, not "
@@ -700,6 +765,7 @@ RUN_FIGURES = {
     "layers.png": "per-layer pair cosine, baseline and P@1 (NN and centred NN) before and after, "
     "and the frozen Procrustes yardstick",
     "change_hist.png": "per-pair change: trained, control and mismatched pairs",
+    "training.png": "training curves: loss, positive/negative similarity, learning rate per step",
 }
 
 
@@ -716,6 +782,9 @@ def draw_run_figures(
     has_eval = (eval_dir / "evaluation.json").is_file()
     # Read every input before drawing anything: damaged results fail in a second, as one line.
     scan = ScanResult.load(root / "scan") if (root / "scan" / "scan.json").is_file() else None
+    has_log = (root / "train" / "train_log.csv").is_file()
+    if has_log:
+        read_train_log(root / "train")
     if has_eval:
         from tli.probe import load_rank
 
@@ -733,6 +802,8 @@ def draw_run_figures(
         )
         written.append(plot_layer_curves(eval_dir, out / "layers.png"))
         written.append(plot_change_histogram(eval_dir, out / "change_hist.png"))
+    if has_log:
+        written.append(plot_training(root / "train", out / "training.png"))
     return written
 
 
@@ -780,3 +851,64 @@ def plot_sweep_heatmap(
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     return _save(fig, path, dpi=120)
+
+
+def plot_compare(records: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
+    """The headline figures of several runs or sweep cells, one group of marks per run.
+
+    Three panels at the final layer, each run on the x axis and each set in its colour: pair
+    cosine (bar) with the mismatched baseline (black tick), after training, and the values
+    before as hollow circles; the margin after training with its bootstrap CI; retrieval P@1
+    after training with its Wilson interval, before as hollow circles.
+
+    Args:
+        records: :func:`tli.compare.load_compared`'s records.
+        path: Where to write the PNG.
+    """
+    plt = _pyplot()
+    names = list(dict.fromkeys(s for r in records for s in r["sets"]))
+    colours = {n: _COLOURS[i % len(_COLOURS)] for i, n in enumerate(names)}
+    width = 0.8 / max(len(names), 1)
+    fig, axes = plt.subplots(
+        1, 3, figsize=(max(10.0, 3.2 * len(records) + 4), 4.6), layout="constrained"
+    )
+    ax_c, ax_m, ax_p = axes
+    for i, r in enumerate(records):
+        for j, name in enumerate(names):
+            s = r["sets"].get(name)
+            if s is None:
+                continue
+            x = i + (j - (len(names) - 1) / 2) * width
+            first = i == 0 or all(name not in q["sets"] for q in records[:i])
+            colour = colours[name]
+            ax_c.bar(x, s["pair_post"], width=width * 0.9, color=colour, alpha=0.6,
+                     label=f"{name}: pair cosine" if first else None)  # fmt: skip
+            ax_c.hlines(s["baseline_post"], x - width * 0.45, x + width * 0.45, color="black",
+                        lw=2, label="baseline" if first and j == 0 else None)  # fmt: skip
+            ax_c.plot(x, s["pair_pre"], "o", mfc="none", color=colour, ms=6)
+            err = [[s["margin_post"] - s["margin_lo"]], [s["margin_hi"] - s["margin_post"]]]
+            ax_m.errorbar(x, s["margin_post"], yerr=err, fmt="o", color=colour, capsize=4,
+                          label=name if first else None)  # fmt: skip
+            ax_m.plot(x, s["margin_pre"], "o", mfc="none", color=colour, ms=6)
+            lo, hi = s["p1_post_ci"]
+            p1_err = [[s["p1_post"] - lo], [hi - s["p1_post"]]]
+            ax_p.errorbar(x, s["p1_post"], yerr=p1_err, fmt="s", color=colour, capsize=4,
+                          label=name if first else None)  # fmt: skip
+            ax_p.plot(x, s["p1_pre"], "o", mfc="none", color=colour, ms=6)
+    labels = [f"{r['name']}\n{r['languages'][0]}→{r['languages'][1]}" for r in records]
+    for ax in axes:
+        ax.set_xticks(range(len(records)), labels, fontsize=8, rotation=20, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+    ax_c.set_title("pair cosine (bar), baseline (tick)", fontsize=9)
+    ax_c.set_ylabel("cosine, final layer")
+    ax_m.axhline(0, color="black", lw=0.8)
+    ax_m.set_title("margin with 95% bootstrap CI", fontsize=9)
+    ax_m.set_ylabel("pair cosine − baseline")
+    ax_p.set_title("P@1 with 95% Wilson interval", fontsize=9)
+    ax_p.set_ylabel("P@1 (source → target, nearest neighbour)")
+    ax_p.set_ylim(bottom=0)
+    ax_c.legend(fontsize=7, loc="lower right")
+    ax_m.legend(fontsize=7, loc="best")
+    fig.suptitle("after training (filled) and before (hollow circles), per run and set",
+                 fontsize=10)  # fmt: skip
+    return _save(fig, path)

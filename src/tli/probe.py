@@ -59,7 +59,15 @@ from typing import Any
 
 import numpy as np
 
-from tli.adapters import attached, check_adapter, check_base, is_identity, model_facts, read_adapter
+from tli.adapters import (
+    attached,
+    check_adapter,
+    check_base,
+    is_identity,
+    model_facts,
+    quantization_note,
+    read_adapter,
+)
 from tli.config import check_int
 from tli.errors import TLIError
 from tli.generate import generate, generate_answers
@@ -115,8 +123,6 @@ class ProbeConfig:
         default=TEMPLATES,
         metadata={"help": f"probe templates to run, comma-separated: {', '.join(TEMPLATES)}"},
     )
-    src_lang: str = field(default="Swahili", metadata={"help": "name of the source language"})
-    tgt_lang: str = field(default="English", metadata={"help": "name of the target language"})
     template_s2t: str = field(
         default="Translate the {src_lang} word into {tgt_lang}.\n{src_lang}: {source}\n{tgt_lang}:",
         metadata={"help": "probe template: direct translation, source -> target"},
@@ -238,9 +244,6 @@ class ProbeConfig:
                 f"templates must be distinct names among {', '.join(TEMPLATES)}, got "
                 f"{','.join(templates) or 'none'}"
             )
-        for lang in ("src_lang", "tgt_lang"):
-            if not isinstance(getattr(self, lang), str) or not getattr(self, lang).strip():
-                raise TLIError(f"{lang} must be a non-empty string")
         for name, (needed, banned) in _PROBE_NEEDS.items():
             found = _placeholders(f"template_{name}", getattr(self, f"template_{name}"))
             _check_fields(f"template_{name}", found, _PROBE_FIELDS)
@@ -489,18 +492,26 @@ def question_and_gold(
     return item.target, tuple(dict.fromkeys([item.source, *gold]))
 
 
+#: The languages a probe names when the caller gives none (the pair config gives them in
+#: ``tli probe`` and ``tli run``: :func:`tli.pairs.load_sets`).
+NO_LANGUAGES = ("source", "target")
+
+
 def fewshot_parts(
-    word: str, shots: Sequence[Any], direction: str, cfg: ProbeConfig
+    word: str,
+    shots: Sequence[Any],
+    direction: str,
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
 ) -> tuple[str, str]:
     """The few-shot prompt asking ``word`` in ``direction``, as (shared prefix, question).
 
     The prefix is the header and the shots (each line ending in a line break); the question is
     :attr:`ProbeConfig.score_shot` cut before ``{answer}`` (trailing spaces dropped), so the
-    answer would follow it.
+    answer would follow it. ``languages`` are the source and target language names.
     """
-    in_lang, out_lang = (
-        (cfg.src_lang, cfg.tgt_lang) if direction == "s2t" else (cfg.tgt_lang, cfg.src_lang)
-    )
+    src_lang, tgt_lang = languages
+    in_lang, out_lang = (src_lang, tgt_lang) if direction == "s2t" else (tgt_lang, src_lang)
     langs = {"in_lang": in_lang, "out_lang": out_lang}
     lines = [cfg.score_header.format(**langs)] if cfg.score_header.strip() else []
     for shot in shots:
@@ -510,15 +521,23 @@ def fewshot_parts(
     return "".join(f"{line}\n" for line in lines), question.rstrip(" ")
 
 
-def fewshot_prompt(word: str, shots: Sequence[Any], direction: str, cfg: ProbeConfig) -> str:
+def fewshot_prompt(
+    word: str,
+    shots: Sequence[Any],
+    direction: str,
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> str:
     """The few-shot prompt asking ``word`` in ``direction`` (:func:`fewshot_parts` joined)."""
-    return "".join(fewshot_parts(word, shots, direction, cfg))
+    return "".join(fewshot_parts(word, shots, direction, cfg, languages))
 
 
-def probe_prompt(name: str, pair: Any, cfg: ProbeConfig) -> str:
-    """Probe template ``name`` filled with one pair."""
+def probe_prompt(
+    name: str, pair: Any, cfg: ProbeConfig, languages: tuple[str, str] = NO_LANGUAGES
+) -> str:
+    """Probe template ``name`` filled with one pair and the two language names."""
     return getattr(cfg, f"template_{name}").format(
-        source=pair.source, target=pair.target, src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang
+        source=pair.source, target=pair.target, src_lang=languages[0], tgt_lang=languages[1]
     )
 
 
@@ -530,7 +549,11 @@ def sample(pairs: Sequence[Any], n: int, seed: int, salt: str = "") -> list[Any]
     return [pairs[i] for i in sorted(rng.sample(range(len(pairs)), n))]
 
 
-def probe_rows(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict[str, Any]]:
+def probe_rows(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
     """The probe's prompts: ``n`` sampled pairs per set, each through every template."""
     rows = []
     for name, pairs in sets.items():
@@ -542,13 +565,17 @@ def probe_rows(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict
                         "source": pair.source,
                         "target": pair.target,
                         "template": template,
-                        "prompt": probe_prompt(template, pair, cfg),
+                        "prompt": probe_prompt(template, pair, cfg, languages),
                     }
                 )
     return rows
 
 
-def score_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict[str, Any]]:
+def score_items(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
     """The scored items: up to ``score_n`` per set, both directions, with prompt and gold.
 
     Raises:
@@ -569,7 +596,7 @@ def score_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dic
                 shots = choose_shots(
                     pair, pool, cfg.shots, cfg.seed, direction, order=orders[direction]
                 )
-                prefix, question = fewshot_parts(word, shots, direction, cfg)
+                prefix, question = fewshot_parts(word, shots, direction, cfg, languages)
                 items.append(
                     {
                         "set": name,
@@ -609,6 +636,7 @@ class ProbeResult:
         rank: The LM-ranking yardstick (:func:`lm_rank`); empty when it did not run.
         warnings: Doubts raised on the way.
         timings: Seconds per step.
+        languages: The source and target language names (the pair config's).
     """
 
     config: ProbeConfig
@@ -620,6 +648,7 @@ class ProbeResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     rank: dict[str, Any] = field(default_factory=dict)
+    languages: tuple[str, str] = NO_LANGUAGES
 
     @property
     def scored(self) -> bool:
@@ -631,6 +660,7 @@ class ProbeResult:
 
         return {
             "config": to_dict(self.config),
+            "languages": list(self.languages),
             "model": self.model,
             "adapter": self.adapter,
             "warnings": self.warnings,
@@ -675,6 +705,7 @@ class ProbeResult:
                 warnings=list(data.get("warnings", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
                 rank=load_rank(directory) or {},
+                languages=tuple(data.get("languages", NO_LANGUAGES)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise TLIError(
@@ -682,8 +713,8 @@ class ProbeResult:
             ) from None
 
     def direction_name(self, direction: str) -> str:
-        """``Swahili -> English`` for ``s2t``, the reverse for ``t2s``."""
-        a, b = self.config.src_lang, self.config.tgt_lang
+        """``Swahili -> English`` for ``s2t``, the reverse for ``t2s`` (the run's languages)."""
+        a, b = self.languages
         return f"{a} -> {b}" if direction == "s2t" else f"{b} -> {a}"
 
     def probe_markdown(self) -> str:
@@ -765,7 +796,11 @@ def probe_summary_line(probe_dir: str | os.PathLike[str]) -> str:
 CONTENT_FREE = "N/A"
 
 
-def rank_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict[str, Any]]:
+def rank_items(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
     """The items of the LM-ranking yardstick: per ranked set and direction, prompt and gold.
 
     Every item of a set (or ``rank_n`` sampled with the seed) is asked with the few-shot prompt
@@ -801,7 +836,7 @@ def rank_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict
                 shots = choose_shots(
                     pair, pool, cfg.shots, cfg.seed, direction, order=orders[direction]
                 )
-                prefix, question = fewshot_parts(word, shots, direction, cfg)
+                prefix, question = fewshot_parts(word, shots, direction, cfg, languages)
                 items.append(
                     {
                         "set": name,
@@ -817,11 +852,10 @@ def rank_items(sets: Mapping[str, Sequence[Any]], cfg: ProbeConfig) -> list[dict
     return items
 
 
-def _separator(cfg: ProbeConfig, direction: str) -> str:
+def _separator(cfg: ProbeConfig, direction: str, languages: tuple[str, str]) -> str:
     """The spaces between the question and the answer in :attr:`ProbeConfig.score_shot`."""
-    in_lang, out_lang = (
-        (cfg.src_lang, cfg.tgt_lang) if direction == "s2t" else (cfg.tgt_lang, cfg.src_lang)
-    )
+    src_lang, tgt_lang = languages
+    in_lang, out_lang = (src_lang, tgt_lang) if direction == "s2t" else (tgt_lang, src_lang)
     raw = cfg.score_shot.format(in_lang=in_lang, out_lang=out_lang, word="w", answer="\x00")
     raw = raw.split("\x00")[0]
     return raw[len(raw.rstrip(" ")) :]
@@ -832,6 +866,8 @@ def lm_rank(
     sets: Mapping[str, Sequence[Any]],
     cfg: ProbeConfig | None = None,
     out_dir: str | os.PathLike[str] | None = None,
+    *,
+    languages: tuple[str, str] = NO_LANGUAGES,
 ) -> dict[str, Any]:
     """The LM-ranking yardstick: how often the base LM itself ranks the right translation first.
 
@@ -848,6 +884,7 @@ def lm_rank(
         sets: Set name -> its pairs; the trained set gives the shots.
         cfg: Settings (``rank_sets``, ``rank_n``, ``rank_directions``, ``shots``, the templates).
         out_dir: If given, ``probe_rank.json`` and ``probe_rank.md`` are written there.
+        languages: The source and target language names, for the prompts.
 
     Returns:
         The content of ``probe_rank.json``: ``config``, ``model``, ``scores`` (one row per set
@@ -864,7 +901,8 @@ def lm_rank(
     cfg = cfg or ProbeConfig()
     start = time.perf_counter()
     sets = {name: list(pairs) for name, pairs in sets.items() if pairs}
-    items = rank_items(sets, cfg)
+    languages = (str(languages[0]), str(languages[1]))
+    items = rank_items(sets, cfg, languages)
     model, tok = loaded.model, loaded.tokenizer
     priors: dict[tuple[str, str, str], torch.Tensor] = {}
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -876,14 +914,14 @@ def lm_rank(
     try:
         for (name, direction), members in groups.items():
             pairs = sets[name]
-            sep = _separator(cfg, direction)
+            sep = _separator(cfg, direction, languages)
             cands = [(p.target if direction == "s2t" else p.source) for p in pairs]
             texts = [sep + c for c in cands]
             raw, calibrated = [], []
             for item in members:
                 key = (name, direction, item["prefix"])
                 if key not in priors:
-                    _, empty = fewshot_parts(CONTENT_FREE, [], direction, cfg)
+                    _, empty = fewshot_parts(CONTENT_FREE, [], direction, cfg, languages)
                     priors[key] = continuation_scores(
                         model, tok, item["prefix"] + empty, texts, batch_size=cfg.batch_size
                     )
@@ -929,6 +967,7 @@ def lm_rank(
         "stage": "probe_rank",
         "config": to_dict(cfg),
         "model": model_facts(loaded),
+        "languages": list(languages),
         "level": 0.95,
         "scores": scores,
         "items": [{k: v for k, v in item.items() if k not in ("prefix",)} for item in rows],
@@ -971,6 +1010,7 @@ def probe(
     *,
     score: bool | None = None,
     rank: bool | None = None,
+    languages: tuple[str, str] = NO_LANGUAGES,
 ) -> ProbeResult:
     """Probe an adapter, and (``score``) score word translation, base vs. tuned.
 
@@ -990,6 +1030,7 @@ def probe(
         score: Run the scored translation; ``None``: ``cfg.score``.
         rank: Run the LM-ranking yardstick (:func:`lm_rank`, base model only, written to
             ``probe_rank.json``); ``None``: ``cfg.rank``.
+        languages: The source and target language names, for prompts and labels.
 
     Returns:
         The :class:`ProbeResult`.
@@ -1011,12 +1052,16 @@ def probe(
     if out_dir is not None:
         ensure_dir(out_dir)
     notes: list[str] = []
+    mismatch = quantization_note(info, loaded)
+    if mismatch:
+        notes.append(mismatch)
     if is_identity(info):
         notes.append(
             f"adapter {info.dir}: every LoRA B matrix is zero, so the tuned model is the base model"
         )
-    rows = probe_rows(sets, cfg)
-    items = score_items(sets, cfg) if score else []
+    languages = (str(languages[0]), str(languages[1]))
+    rows = probe_rows(sets, cfg, languages)
+    items = score_items(sets, cfg, languages) if score else []
     if score:
         tok = loaded.tokenizer
         long = [
@@ -1064,7 +1109,7 @@ def probe(
     ranking: dict[str, Any] = {}
     if rank:
         clock = time.perf_counter()
-        ranking = lm_rank(loaded, sets, cfg, out_dir)
+        ranking = lm_rank(loaded, sets, cfg, out_dir, languages=languages)
         timings["rank_base_s"] = time.perf_counter() - clock
     elif out_dir is not None:
         (Path(out_dir) / RANK_JSON).unlink(missing_ok=True)  # not this probe's: stale
@@ -1101,6 +1146,7 @@ def probe(
         warnings=notes,
         timings=timings,
         rank=ranking,
+        languages=languages,
     )
     timings["metrics_s"] = time.perf_counter() - clock
     timings["n_prompts"] = float(len(rows))

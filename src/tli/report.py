@@ -47,10 +47,12 @@ def build_markdown(run_dir: Path) -> str:
     stages = record["stages"]
     layer = stages["train"]["layer"]
     n = ev.num_layers
+    src, tgt = ev.languages
     lines = [
-        f"# TLI run: {ev.model.get('name', '?')}",
+        f"# TLI run: {ev.model.get('name', '?')}, {src} → {tgt}",
         "",
-        f"Run directory `{run_dir.name}`. Trained set {stages['pairs']['trained']} pairs, "
+        f"Run directory `{run_dir.name}`. Language pair {src} → {tgt}. "
+        f"Trained set {stages['pairs']['trained']} pairs, "
         f"control set {stages['pairs']['control']} pairs. Target layer {layer} "
         f"({stages['train']['layer_source']}); evaluation at the final layer {n}.",
         "",
@@ -114,7 +116,8 @@ def build_markdown(run_dir: Path) -> str:
         "Training",
         f"{train_info['steps']} steps, {train_info['trainable_parameters']:,} trainable "
         f"parameters, {train_info['seconds']:.1f} s ({train_info['steps_per_second']} steps/s), "
-        f"final loss {train_info['final_loss']}. Adapter: `train/final/` (peft format).",
+        f"final loss {train_info['final_loss']}. Adapter: `train/final/` (peft format, with "
+        "its model card `README.md`); curves per step: `figures/training.png`.",
     )
     for name in ev.sets:
         lines += _section(f"Every layer, {name} set", ev.layer_table(name))
@@ -187,7 +190,7 @@ def build_html(markdown_text: str, run_dir: Path, title: str) -> str:
         path = Path(run_dir) / src
         return f'src="{_data_uri(path)}"' if path.is_file() else match.group(0)
 
-    body = re.sub(r'src="(figures/[^"]+\.png)"', inline, body)
+    body = re.sub(r'src="([^":]+\.png)"', inline, body)
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n"
@@ -203,3 +206,9 @@ def write_report(run_dir: Path | str) -> dict[str, Any]:
     title = text.splitlines()[0].lstrip("# ").strip()
     atomic_write_text(run_dir / "report.html", build_html(text, run_dir, title))
     return {"markdown": str(run_dir / "report.md"), "html": str(run_dir / "report.html")}
+
+
+def write_compare_html(markdown_text: str, out_dir: Path, path: Path) -> Path:
+    """``compare.html``: ``tli compare``'s Markdown as one self-contained page."""
+    atomic_write_text(path, build_html(markdown_text, Path(out_dir), "tli compare"))
+    return Path(path)

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from tli.config import check_int, check_one_of, check_unit
-from tli.embed import POOLINGS, Pooling
+from tli.embed import POOLINGS, Embedding, Pooling
 from tli.errors import TLIError
 from tli.pairs import check_sets, gold_mask
 from tli.yardsticks import from_json as yardsticks_from_json
@@ -153,6 +153,10 @@ class ScanResult:
         inputs: Where the pairs came from (set by the CLI: ``pairs``, ``control`` file names).
         yardsticks: The frozen yardsticks per set and layer
             (:func:`tli.yardsticks.frozen_yardsticks`); empty in scans of older tli versions.
+        languages: The source and target language names, for labels.
+        embedding: The pooled vectors of every string at every scanned layer and how they were
+            made (:class:`tli.embed.Embedding`), kept in memory for a later stage of the same
+            process (the evaluation's base vectors); never saved.
     """
 
     config: ScanConfig
@@ -170,6 +174,8 @@ class ScanResult:
     timings: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
     yardsticks: dict[str, Any] = field(default_factory=dict)
+    languages: tuple[str, str] = ("source", "target")
+    embedding: Embedding | None = field(default=None, repr=False, compare=False)
 
     @property
     def select_metric(self) -> str:
@@ -218,6 +224,7 @@ class ScanResult:
             "tli_version": __version__,
             "model": self.model,
             "inputs": dict(self.inputs),
+            "languages": list(self.languages),
             "num_layers": self.num_layers,
             "layers": list(self.layers),
             "config": dataclasses.asdict(self.config),
@@ -290,6 +297,7 @@ class ScanResult:
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
                 inputs={k: str(v) for k, v in data.get("inputs", {}).items()},
                 yardsticks=yardsticks_from_json(data.get("yardsticks")),
+                languages=tuple(data.get("languages", ("source", "target"))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise TLIError(f"{path}: not a tli scan result ({type(err).__name__}: {err})") from None
@@ -447,7 +455,11 @@ def build_result(
 
 
 def run_scan(
-    loaded: Any, sets: Mapping[str, Sequence[Any]], cfg: ScanConfig | None = None
+    loaded: Any,
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ScanConfig | None = None,
+    *,
+    languages: tuple[str, str] = ("source", "target"),
 ) -> ScanResult:
     """Scan every layer of a model on sets of word pairs and choose a layer.
 
@@ -458,9 +470,11 @@ def run_scan(
             Empty sets are skipped; a set needs at least 2 pairs (a baseline needs mismatched
             pairs).
         cfg: The scan's configuration (defaults: :class:`ScanConfig`).
+        languages: The source and target language names, for labels.
 
     Returns:
-        The :class:`ScanResult`; warnings about the choice are also logged.
+        The :class:`ScanResult`; warnings about the choice are also logged. Its ``embedding``
+        holds the embedded strings, for :func:`tli.evaluate.evaluate` to reuse.
     """
     from tli.embed import embed
     from tli.metrics import alignment_summary
@@ -517,7 +531,7 @@ def run_scan(
         "n_strings": float(len(texts)),
     }
     log.debug("scan: %d strings, %d layers, %.2f s", len(texts), len(layers), done - start)
-    return build_result(
+    result = build_result(
         cfg,
         model=loaded.name,
         num_layers=loaded.num_layers,
@@ -528,6 +542,11 @@ def run_scan(
         timings=timings,
         yardsticks=yardsticks,
     )
+    result.languages = (str(languages[0]), str(languages[1]))
+    result.embedding = Embedding(
+        loaded.model, tuple(texts), tuple(layers), cfg.pooling, cfg.batch_size, vectors
+    )
+    return result
 
 
 def _center_language(by_set: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -163,6 +163,84 @@ def truncate_config(config: object, max_layer: int) -> object:
     return config
 
 
+def input_embeddings(model: nn.Module) -> nn.Module:
+    """The token embedding (Gemma's scaled one included) of a causal LM, peft-wrapped or not."""
+    return _unwrap(model).get_input_embeddings()
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether the model holds its LM head (False when built by :func:`headless`)."""
+    return not isinstance(lm_head(model), NoHead)
+
+
+class NoHead(nn.Module):
+    """Stands in for the LM head of a model built for hidden states only: no weights, no logits."""
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        """Raise: there are no logits to compute."""
+        raise TLIError(
+            "this model was built without its LM head (a depth-truncated load for hidden "
+            "states): it gives hidden states, not logits"
+        )
+
+
+def float32_embedding_rows(model: nn.Module) -> None:
+    """Make the token embedding return float32 rows while its table keeps its dtype.
+
+    The rows equal those of a float32 copy of the table (a bf16 or fp16 value is exact in
+    float32), including Gemma's scaling by ``embed_scale``, which the float32 table would apply
+    in float32. peft's ``prepare_model_for_kbit_training`` gets the same rows by casting the
+    whole table to float32 (2.1 GB for Llama-3-8B's 525 M entries, against 1.05 GB in bf16).
+    Idempotent.
+    """
+    emb = input_embeddings(model)
+    if getattr(emb, "_tli_float32_rows", False):
+        return
+
+    def rows(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.embedding(args[0], module.weight, module.padding_idx).float()
+        scale = getattr(module, "embed_scale", None)  # Gemma's sqrt(D), as a buffer
+        return out * scale.to(torch.float32) if isinstance(scale, torch.Tensor) else out
+
+    if emb.weight.dtype != torch.float32:
+        emb.register_forward_hook(rows)
+    emb._tli_float32_rows = True
+
+
+_HEADLESS: dict[type, type] = {}
+
+
+def headless(cls: type) -> type:
+    """A subclass of the causal-LM class ``cls`` whose instances have no LM head.
+
+    ``from_pretrained`` on it builds the decoder only: the LM head is replaced by
+    :class:`NoHead` as the model is built (on the meta device, before any weight is read), so
+    an untied checkpoint's ``lm_head.weight`` is never read or allocated, and a tied one is
+    not tied (``_tied_weights_keys = None``). Parameter names stay those of ``cls``, so peft
+    adapters trained on it load onto the full model (``PeftModel.from_pretrained``).
+    """
+    if cls not in _HEADLESS:
+        path = None
+        for family, lay in LAYOUTS.items():
+            if getattr(cls, "config_class", None) is not None and (
+                getattr(cls.config_class, "model_type", None) == family
+            ):
+                path = lay.lm_head
+        if path is None:
+            raise TLIError(f"{cls.__name__}: no known LM head for a headless load")
+
+        def __init__(self: nn.Module, config: object, *args: object, **kwargs: object) -> None:
+            cls.__init__(self, config, *args, **kwargs)
+            setattr(self, path, NoHead())
+
+        _HEADLESS[cls] = type(
+            cls.__name__,
+            (cls,),
+            {"__init__": __init__, "_tied_weights_keys": None, "__module__": cls.__module__},
+        )
+    return _HEADLESS[cls]
+
+
 def lora_target_modules(model_or_config: object) -> tuple[str, ...]:
     """The attention projections the paper adapts (q_proj + v_proj; GPT-2 fuses them in c_attn)."""
     return layout(model_or_config).attention_modules

@@ -222,14 +222,19 @@ def read_grid(path: Path) -> Grid:
 # --- running cells ------------------------------------------------------------------------
 
 
-def _sets(sweep: SweepConfig) -> dict[str, list]:
-    """The sweep's trained and control sets (:func:`tli.pairs.load_sets`)."""
+def _pair_sets(sweep: SweepConfig) -> Any:
+    """The sweep's :class:`tli.pairs.PairSets` (:func:`tli.pairs.load_sets`)."""
     from tli.pairs import load_sets
 
     sets = load_sets(Path(sweep.pairs) if sweep.pairs else None)
     if len(sets.trained) < 2 or len(sets.control) < 2:
         raise TLIError("the sweep needs a pair list with a trained and a control split")
-    return sets.as_dict()
+    return sets
+
+
+def _sets(sweep: SweepConfig) -> dict[str, list]:
+    """The sweep's trained and control sets."""
+    return _pair_sets(sweep).as_dict()
 
 
 def _control_vectors(model: Any, tokenizer: Any, control: Sequence[Any], n: int, pooling: str):
@@ -295,7 +300,8 @@ def run_cell(
         torch.set_num_threads(threads)
     cell_dir = ensure_dir(sweep_dir / "cells" / cell.name)
     train_dir = cell_dir / "train"
-    sets = _sets(sweep)
+    pair_sets = _pair_sets(sweep)
+    sets = pair_sets.as_dict()
     mcfg = ModelConfig(name=sweep.model)
     _, config = load_config(sweep.model)
     n = num_layers(config)
@@ -313,6 +319,12 @@ def run_cell(
             model_config=to_dict(mcfg),
             progress=False,
             prefix_cache_store=caches,
+            card={
+                "languages": list(pair_sets.languages),
+                "data": pair_sets.summary(),
+                "command": f"tli sweep --grid {sweep_dir / 'grid.toml'} --out {sweep_dir} "
+                f"(cell {cell.name})",
+            },
         )
         del loaded
     info = json.loads((train_dir / "train.json").read_text())
@@ -390,6 +402,10 @@ def run_sweep(
     from tli.models import ModelConfig, load_model
 
     _sets(grid.sweep)  # bad pairs fail before anything is written or loaded
+    from tli.train import check_tracker
+
+    for report_to in {c.train.report_to for c in grid.cells}:
+        check_tracker(report_to)
     sweep_dir = ensure_dir(sweep_dir)
     jobs = jobs or grid.sweep.jobs
     if grid_text is not None:

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 
 # --- small formatters ----------------------------------------------------------------------------
 
+def _applied(adapter: dict) -> str:
+    """How the evaluation applied the adapter, in words (older results: merged)."""
+    if str(adapter.get("applied", "merged")).startswith("unmerged"):
+        return "attached unmerged (the base is quantized: merging would re-quantize it)"
+    return "merged"
+
 
 def _signed_percent(value: float) -> str:
     """A change already in percent, signed, e.g. -18.43%."""
@@ -39,6 +45,20 @@ def _num(value: float, spec: str) -> str:
 def _md(text: str) -> str:
     """Text for a Markdown table cell (pipes escaped)."""
     return text.replace("|", "\\|")
+
+
+def retrieval_name(kind: str, languages: Sequence[str]) -> str:
+    """A retrieval kind in the run's languages, e.g. ``s2t_nn`` -> ``Swahili→English NN``.
+
+    ``t2s_centered`` -> ``English→Swahili centred NN``.
+    """
+    direction, _, method = kind.partition("_")
+    a, b = languages if direction == "s2t" else tuple(languages)[::-1]
+    return f"{a}→{b} {_METHOD_NAMES.get(method, method.upper())}".rstrip()
+
+
+#: How each retrieval method is named in tables.
+_METHOD_NAMES = {"nn": "NN", "csls": "CSLS", "centered": "centred NN"}
 
 
 def _cell(text: str) -> str:
@@ -73,23 +93,14 @@ def _p1_short(share: float, n: int, level: float = 0.95) -> str:
     return f"{share:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-#: How each retrieval variant is named in tables.
-RETRIEVAL_NAMES = {
-    "s2t_nn": "s→t NN",
-    "s2t_csls": "s→t CSLS",
-    "s2t_centered": "s→t centred NN",
-    "t2s_nn": "t→s NN",
-    "t2s_csls": "t→s CSLS",
-    "t2s_centered": "t→s centred NN",
-}
-
-
 def _signed(value: float, spec: str) -> str:
     """A signed number in ``spec``, or n/a."""
     return "n/a" if value is None or not math.isfinite(value) else f"{value:+{spec}}"
 
 
-def scores_line(scores: Sequence[Mapping[str, Any]], cfg: ProbeConfig) -> str:
+def scores_line(
+    scores: Sequence[Mapping[str, Any]], cfg: ProbeConfig, languages: Sequence[str]
+) -> str:
     """One line of scored word translation per set and direction, for reports."""
     parts = []
     for name in dict.fromkeys(s["set"] for s in scores):
@@ -102,7 +113,7 @@ def scores_line(scores: Sequence[Mapping[str, Any]], cfg: ProbeConfig) -> str:
         parts.append(f"{name} " + ", ".join(cells))
     return (
         f"Word translation ({cfg.shots}-shot, exact match, base -> tuned; s2t = "
-        f"{cfg.src_lang} -> {cfg.tgt_lang}): " + "; ".join(parts) + "."
+        f"{languages[0]} -> {languages[1]}): " + "; ".join(parts) + "."
     )
 
 
@@ -116,9 +127,11 @@ def _percent(share: float) -> str:
 
 def scan_table(result: ScanResult, *, with_warnings: bool = True) -> str:
     """A short plain-text summary: one block per set, then the choice and the warnings."""
+    src, tgt = result.languages
     lines = [
-        f"scan of {result.model}: layers {result.layers[0]}..{result.layers[-1]} "
-        f"(0 = embeddings, {result.num_layers} = final), pooling {result.config.pooling}"
+        f"scan of {result.model} ({src} → {tgt}): layers {result.layers[0]}.."
+        f"{result.layers[-1]} (0 = embeddings, {result.num_layers} = final), pooling "
+        f"{result.config.pooling}; P@1: {src} → {tgt} retrieval"
     ]
     pct = int(round(result.config.level * 100))
     for set_name, s in result.sets.items():
@@ -314,7 +327,8 @@ def table1(result: EvalResult, layer: int | None = None) -> str:
     head = (
         "| Set | N | Pre mean (std) | Post mean (std) | Abs. change | % change | t | p "
         f"| Baseline pre → post | Margin pre → post | Margin change [{pct}% CI] "
-        f"| P@1 {kind} pre → post [{pct}% Wilson] | McNemar p |"
+        f"| P@1 {retrieval_name(kind, result.languages)} pre → post [{pct}% Wilson] "
+        "| McNemar p |"
     )
     lines = [head, "|" + "---|" * 13]
     for name, s in result.sets.items():
@@ -344,8 +358,8 @@ def findings_table(result: EvalResult, layer: int | None = None) -> str:
     kind = cfg.verdict_retrieval
     lines = [
         f"| Set | N | Geometry: margin change [{pct}% CI] | detects | "
-        f"Retrieval: P@1 {RETRIEVAL_NAMES.get(kind, kind)} (+gained/−lost, McNemar p) | detects "
-        "| Collapse flag | Headline |",
+        f"Retrieval: P@1 {retrieval_name(kind, result.languages)} (+gained/−lost, McNemar p) "
+        "| detects | Collapse flag | Headline |",
         "|" + "---|" * 8,
     ]
     for name, s in result.sets.items():
@@ -392,7 +406,7 @@ def retrieval_table(result: EvalResult, layer: int | None = None) -> str:
             test = s["p_at_1_tests"][kind]
             mark = " (verdict)" if kind == result.config.verdict_retrieval else ""
             lines.append(
-                f"| {name} | {RETRIEVAL_NAMES.get(kind, kind)}{mark} "
+                f"| {name} | {retrieval_name(kind, result.languages)}{mark} "
                 f"| {p_at_1_ci(s['pre'][key][i], s['n'], level)} "
                 f"| {p_at_1_ci(s['post'][key][i], s['n'], level)} "
                 f"| +{test['gained'][i]}/−{test['lost'][i]} | {format_p(test['p'][i])} "
@@ -405,10 +419,13 @@ def layer_table(result: EvalResult, set_name: str) -> str:
     """One set at every layer (Markdown); the training and final layers are marked."""
     s = result.sets[set_name]
     pre, post, ch, bt = s["pre"], s["post"], s["change"], s["bootstrap"]
+    nn, csls, centred = (
+        retrieval_name(k, result.languages) for k in ("s2t_nn", "s2t_csls", "s2t_centered")
+    )
     lines = [
         "| Layer | Pre | Post | Change | t | p | Baseline pre → post | Margin pre → post "
-        "| Margin change [CI] | P@1 s2t NN pre → post [Wilson] | P@1 s2t CSLS pre → post "
-        "| P@1 s2t centred pre → post | Verdict |",
+        f"| Margin change [CI] | P@1 {nn} pre → post [Wilson] | P@1 {csls} pre → post "
+        f"| P@1 {centred} pre → post | Verdict |",
         "|" + "---|" * 13,
     ]
     n, level = s["n"], result.config.level
@@ -448,7 +465,7 @@ def table2(result: EvalResult, set_name: str) -> str:
         out += [
             f"**{title}**",
             "",
-            "| Source | Target | Pre | Post | Change |",
+            f"| {_md(result.languages[0])} | {_md(result.languages[1])} | Pre | Post | Change |",
             "|---|---|---|---|---|",
         ]
         for j in rows:
@@ -472,11 +489,15 @@ def eval_markdown(result: EvalResult) -> str:
     chance = ", ".join(
         f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}" for name, s in result.sets.items()
     )
+    src, tgt = result.languages
     lines = [
         f"# Evaluation: `{result.model['name']}` + adapter `{result.adapter['dir']}`",
         "",
+        f"Language pair: {src} → {tgt}.",
+        "",
         f"Base model ({result.model['model_type']}, {n} layers; layer 0 = input embeddings, "
-        f"{n} = final) vs. the same model with the adapter merged ({trained_at}). "
+        f"{n} = final) vs. the same model with the adapter {_applied(result.adapter)} "
+        f"({trained_at}). "
         f"Pooling {cfg.pooling}; {cfg.n_boot} bootstrap resamples (seed {cfg.seed}), "
         f"{int(round(cfg.level * 100))}% intervals; significance level {cfg.alpha}; smallest "
         f"change named {cfg.min_effect}; P@1 chance level: {chance}. How to read this: "
@@ -525,8 +546,8 @@ def eval_markdown(result: EvalResult) -> str:
         "Mean (std) of the per-pair cosine; change = post - pre; t and p: paired t-test "
         "(p in log space when it underflows); baseline: mean cosine of the mismatched "
         "pairs of the same lists; margin: pairs - baseline, with the paired bootstrap CI of "
-        f"its change; P@1 {kind}: retrieval with its Wilson interval, McNemar exact test of "
-        "the per-query hits.",
+        f"its change; P@1 {retrieval_name(kind, result.languages)}: retrieval with its Wilson "
+        "interval, McNemar exact test of the per-query hits.",
         "",
         f"## Retrieval at the final layer ({n})",
         "",
@@ -762,7 +783,7 @@ def scores_markdown(result: ProbeResult, max_examples: int = 30) -> str:
 def probe_summary(result: ProbeResult) -> str:
     """One line for a report: the scores when scored, else how many outputs changed."""
     if result.scored:
-        return scores_line(result.scores, result.config)
+        return scores_line(result.scores, result.config, result.languages)
     data = result.probe_json()
     return (
         f"Probe: the tuned output differs from the base output in {data['n_changed']} of "
@@ -822,4 +843,72 @@ def sweep_markdown(
             f"{r['pair_mean'][0]:.3f} | {r['baseline'][0]:.3f} | {r['train_seconds']:.0f} | "
             f"{', '.join(r['verdicts'])} | {r['collapse_flags']}/{r['seeds']} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+# --- compare ----------------------------------------------------------------------------------
+
+
+def _f(value: float, spec: str) -> str:
+    """A number, or n/a when it is missing (NaN)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
+
+
+def compare_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The headline figures of runs or sweep cells side by side (one row per run and set).
+
+    Args:
+        records: :func:`tli.compare.load_compared`'s records (as saved in ``compare.json``).
+    """
+    lines = [
+        "| Run | Set | Languages | N | Pair cosine pre → post | Baseline pre → post "
+        "| Margin pre → post | Margin post [95% CI] | Margin change [95% CI] "
+        "| P@1 pre → post [95% Wilson CI] | Verdict | Training s |",
+        "|" + "---|" * 12,
+    ]
+    for r in records:
+        src, tgt = r["languages"]
+        for name, s in r["sets"].items():
+            lo, hi = s["p1_post_ci"]
+            lines.append(
+                f"| {_md(r['name'])} | {name} | {_md(src)} → {_md(tgt)} | {s['n']} "
+                f"| {_f(s['pair_pre'], '.4f')} → {_f(s['pair_post'], '.4f')} "
+                f"| {_f(s['baseline_pre'], '.4f')} → {_f(s['baseline_post'], '.4f')} "
+                f"| {_f(s['margin_pre'], '+.4f')} → {_f(s['margin_post'], '+.4f')} "
+                f"| {_f(s['margin_post'], '+.4f')} [{_f(s['margin_lo'], '+.4f')}, "
+                f"{_f(s['margin_hi'], '+.4f')}] "
+                f"| {_f(s['margin_change'], '+.4f')} [{_f(s['margin_change_lo'], '+.4f')}, "
+                f"{_f(s['margin_change_hi'], '+.4f')}] "
+                f"| {_f(s['p1_pre'], '.4f')} → {_f(s['p1_post'], '.4f')} "
+                f"[{_f(lo, '.3f')}, {_f(hi, '.3f')}] "
+                f"({_md(retrieval_name(s.get('p1_retrieval', 's2t_nn'), r['languages']))}) "
+                f"| {_md(s['verdict'])} | {_f(r['train_seconds'], '.0f')} |"
+            )
+    return "\n".join(lines)
+
+
+def compare_markdown(records: Sequence[Mapping[str, Any]], figure: str | None = None) -> str:
+    """``compare.md``: what was compared, the table, how to read it, and the figure."""
+    lines = ["# Comparison", "", "| Run | Kind | Model | Details | Directory |", "|" + "---|" * 5]
+    for r in records:
+        lines.append(
+            f"| {_md(r['name'])} | {r['kind']} | `{_md(str(r['model']))}` "
+            f"| {_md(r['detail']) or '-'} | `{_md(r['path'])}` |"
+        )
+    lines += [
+        "",
+        compare_table(records),
+        "",
+        "At the final layer. Pair cosine: mean cosine of each source word with its "
+        "translation; baseline: mean cosine of mismatched pairs from the same lists; margin: "
+        "pairs - baseline, with its bootstrap CI and the paired bootstrap CI of its change; "
+        "P@1: source → target retrieval among the set's targets (a listed alternative counts), "
+        "by nearest neighbour after mean-centring each side (the verdict's default; plain "
+        "nearest neighbour for results of a tli that lacked it, as each cell names), with the "
+        "Wilson interval of the post value; verdict: tli's rules "
+        "(docs/evaluation.md); training s: wall time of the training steps. A sweep cell holds "
+        "the control set only.",
+    ]
+    if figure:
+        lines += ["", f"![headline figures per run and set]({figure})"]
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ A training directory holds::
     train_log.csv         step, epoch, loss, pos_sim, neg_sim, lr
     train.json            config, trainable parameters, time, steps/s
     epoch-K/              adapter after epoch K (peft format)
-    final/                final adapter (peft format) + tli_adapter.json
+    final/                final adapter (peft format) + tli_adapter.json + README.md (card)
     checkpoints/step-S/   adapter + state.pt (optimiser, scheduler, RNG, position)
     checkpoints/latest    name of the newest complete checkpoint
 """
@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +48,14 @@ LossName = Literal["triplet_hardest", "triplet_semi_hard", "info_nce"]
 MixedPrecision = Literal["no", "bf16", "fp16"]
 Center = Literal["none", "batch", "running"]
 PrefixCacheMode = Literal["auto", "on", "off"]
+ReportTo = Literal["none", "tensorboard", "mlflow", "wandb"]
 LOG_COLUMNS = ("step", "epoch", "loss", "pos_sim", "neg_sim", "lr")
+#: Tracker (``report_to``) -> the package accelerate needs for it.
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+#: Where TensorBoard event files go, inside the training directory (``tensorboard --logdir``).
+TENSORBOARD_DIR = "tensorboard"
+#: The project (TensorBoard run folder, MLflow experiment, W&B project) tli logs to.
+TRACKER_PROJECT = "tli"
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,14 @@ class TrainConfig:
             "(default: every block below the deepest loss layer). tli"
         },
     )
+    report_to: ReportTo = field(
+        default="none",
+        metadata={
+            "help": "send loss, pos/neg similarity and lr per step to a tracker through "
+            "accelerate's log_with: none, tensorboard (event files in the training directory's "
+            "tensorboard/), mlflow or wandb (configured by their own environment variables). tli"
+        },
+    )
     prefix_cache: PrefixCacheMode = field(
         default="auto",
         metadata={
@@ -210,6 +225,36 @@ class TrainConfig:
                 f"prefix_cache = on with mixed_precision = {self.mixed_precision}: the cache is "
                 "exact only in float32 (docs/training.md); set prefix_cache = off or auto"
             )
+        check_one_of("report_to", self.report_to, ("none", *TRACKERS))
+
+
+def check_tracker(report_to: str) -> None:
+    """Fail unless the package of tracker ``report_to`` is installed ("none" needs nothing).
+
+    Called before any model is loaded, so a missing tracker costs a second, not a load.
+
+    Raises:
+        TLIError: naming the tracker and the package to install.
+    """
+    import importlib.util
+
+    check_one_of("report_to", report_to, ("none", *TRACKERS))
+    package = TRACKERS.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise TLIError(
+            f"report_to {report_to}: the package {package} is not installed "
+            f"(pip install {package})"
+        )
+
+
+def _hparams(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A training config as tracker hyper-parameters (str, int, float or bool values only)."""
+    out: dict[str, Any] = {}
+    for key, value in train.items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        out[key] = "none" if value is None else value
+    return out
 
 
 def _normalise_loss_layers(items: Sequence[int | str]) -> tuple[int | str, ...]:
@@ -482,7 +527,12 @@ def objective(
     )
 
 
-def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
+def _adapter_meta(loaded: Any, cfg: TrainConfig, card: Mapping[str, Any]) -> dict[str, Any]:
+    """``tli_adapter.json``: the model, the plan, and what the model card shows (:mod:`tli.card`).
+
+    ``card`` holds ``languages``, ``data`` (the pair files, their SHA-256 and the set sizes) and
+    ``command`` (what repeats the run), as the caller knows them; each may be missing.
+    """
     from tli import __version__
 
     config = loaded.model.config
@@ -490,6 +540,11 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
     return {
         "tli_version": __version__,
         "model": loaded.name,
+        "base_model": models.model_origin(loaded.name, loaded.path),
+        "languages": list(card.get("languages") or ("source", "target")),
+        "data": dict(card.get("data") or {}),
+        "command": card.get("command"),
+        "train": to_dict(cfg),
         "model_type": config.model_type,
         "num_layers": loaded.num_layers,
         "hidden_size": surgery.hidden_size(config),
@@ -503,7 +558,16 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig) -> dict[str, Any]:
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
+        # the base's 4-bit settings (None: unquantized), so an evaluation can say when it
+        # applies the adapter to a base quantized differently
+        "quantization": getattr(loaded, "quantization", None),
     }
+
+
+def _at(meta: dict[str, Any], state: _State, epoch: int) -> dict[str, Any]:
+    """``meta`` with where training stood when an adapter was saved (for its model card)."""
+    loss = state.rows[-1]["loss"] if state.rows else None
+    return {**meta, "epoch": epoch, "step": state.step, "loss": loss}
 
 
 def _log_csv(rows: list[dict[str, float]]) -> str:
@@ -547,6 +611,7 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
             build_config(models.ModelConfig, model_config),
             max_layer=the_plan.load_depth,
             tokenizer=loaded.tokenizer,
+            lm_head=False,  # training never uses it
         )
     if loaded.depth < needed:
         what = "the final layer" if needed == loaded.num_layers else f"layer {needed}"
@@ -557,15 +622,60 @@ def _with_depth(loaded: Any, the_plan: TrainPlan, model_config: dict[str, Any] |
     return loaded
 
 
+def prepare_for_kbit_training(model: torch.nn.Module) -> None:
+    """Prepare a 4-bit model for QLoRA training, as peft's ``prepare_model_for_kbit_training``.
+
+    The same steps as peft's function without gradient checkpointing (tli never turns it on):
+    every base parameter is frozen and every bf16/fp16 parameter that is not 4-bit is cast to
+    float32, so norms and the residual stream run in float32. One difference: the embedding
+    table and the LM head keep their dtype; the embedding's rows are cast to float32 as they are
+    looked up (:func:`tli.surgery.float32_embedding_rows`), which gives exactly the rows of a
+    float32 table, and tli's training never calls the LM head. For Llama-3-8B that keeps
+    1.05 GB (embeddings) and, at full depth, another 1.05 GB (LM head) out of memory.
+    tests/test_quantized.py checks that hidden states and LoRA gradients equal peft's, bit for
+    bit.
+    """
+    tables = {id(surgery.input_embeddings(model).weight)}
+    out = model.get_output_embeddings()
+    if isinstance(getattr(out, "weight", None), torch.Tensor):
+        tables.add(id(out.weight))
+    for param in model.parameters():
+        param.requires_grad_(False)
+        if id(param) in tables or param.__class__.__name__ == "Params4bit":
+            continue
+        if param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.to(torch.float32)
+    surgery.float32_embedding_rows(model)
+
+
+def cpu_lacks_bf16() -> bool:
+    """Whether this is an x86 CPU without AVX-512 BF16 or AMX (Linux; False when unknown)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return bool(flags) and not any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def half_precision_matmuls(model: torch.nn.Module) -> bool:
+    """Whether the blocks' matmuls run in bf16/fp16 (4-bit: the compute dtype; else the weights)."""
+    half = (torch.bfloat16, torch.float16)
+    stack = surgery.blocks(model)
+    for module in stack.modules():
+        compute = getattr(module, "compute_dtype", None)  # bitsandbytes Linear4bit
+        if isinstance(compute, torch.dtype):
+            return compute in half
+    return any(p.dtype in half for p in stack.parameters())
+
+
 def _with_adapters(loaded: Any, cfg: TrainConfig) -> Any:
     """The model with fresh LoRA adapters (peft), prepared for k-bit training when 4-bit."""
     from peft import get_peft_model
 
     model = loaded.model
     if getattr(model, "is_loaded_in_4bit", False):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        prepare_for_kbit_training(model)
     with quiet_peft():
         try:
             model = get_peft_model(model, lora_config(cfg, loaded.num_layers, model))
@@ -658,6 +768,7 @@ def train(
     on_step: Callable[[int], None] | None = None,
     progress: bool = True,
     prefix_cache_store: dict | None = None,
+    card: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train LoRA adapters on ``pairs`` with ``cfg``; write everything under ``out_dir``.
 
@@ -675,6 +786,9 @@ def train(
         prefix_cache_store: a dict shared by several runs (e.g. the cells of a sweep): a
             frozen-prefix cache is built once per :func:`tli.cache.store_key` (model and
             weights, tokenizer, K, words) and reused by every run with the same key.
+        card: what the adapters' model cards say beyond the training itself: ``languages``
+            (source, target), ``data`` (:meth:`tli.pairs.PairSets.summary`) and ``command``
+            (what repeats the run). Recorded in ``train_config.json``; a resume reuses it.
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -693,16 +807,28 @@ def train(
         why = inexact_reason(loaded.model, the_plan.first_adapted, cfg.mixed_precision)
         if why is not None:
             raise TLIError(f"prefix_cache = on: {why}; set prefix_cache = off or auto")
+    check_tracker(cfg.report_to)
     loaded = _with_depth(loaded, the_plan, model_config)
     if len(pairs) < 2:
         raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
     out_dir = ensure_dir(out_dir)
+    tracking = cfg.report_to != "none"
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        log_with=cfg.report_to if tracking else None,
+        project_dir=str(out_dir / TENSORBOARD_DIR) if tracking else None,
     )
     main = accelerator.is_main_process
     world = accelerator.num_processes
-    meta = _adapter_meta(loaded, cfg)
+    if accelerator.device.type == "cpu" and half_precision_matmuls(loaded.model):
+        if cpu_lacks_bf16():
+            log.warning(
+                "training runs its matmuls in bfloat16/float16 on a CPU without AVX-512 BF16 or "
+                "AMX, where torch's backward matmuls in 16 bits are about 50x slower than in "
+                "float32 (docs/benchmarks.md); on this CPU use compute_dtype float32 (4-bit) "
+                "or dtype float32"
+            )
 
     config_record = {"model": model_config or {"name": loaded.name}, "train": to_dict(cfg)}
     if resume:
@@ -710,8 +836,16 @@ def train(
         if ckpt is None:
             raise TLIError(f"{out_dir}: no checkpoint to resume from")
         saved = read_json(out_dir / "train_config.json")
-        if saved.get("train") != config_record["train"]:
+        def trained(values: Any) -> Any:  # the tracker does not change what is trained
+            return {k: v for k, v in values.items() if k != "report_to"}
+
+        if not isinstance(saved.get("train"), dict) or trained(saved["train"]) != trained(
+            config_record["train"]
+        ):
             raise TLIError(f"{out_dir}: the training config differs from the one being resumed")
+        if card is None and isinstance(saved.get("card"), dict):
+            card = saved["card"]
+        config_record["card"] = dict(card or {})  # train.json records what a fresh run does
     else:
         if latest_checkpoint(out_dir) is not None or (out_dir / "final").exists():
             raise TLIError(
@@ -721,8 +855,18 @@ def train(
         if main:
             from tli.pairs import write_pairs
 
+            config_record["card"] = dict(card or {})
             atomic_write_json(out_dir / "train_config.json", config_record)
-            write_pairs(pairs, out_dir / "pairs.tsv")
+            # source/target columns: the run's languages may be any pair (read_pairs takes them)
+            write_pairs(pairs, out_dir / "pairs.tsv", src_key="source", tgt_key="target")
+    meta = _adapter_meta(loaded, cfg, card or {})
+    if (out_dir / "pairs.tsv").is_file():
+        from tli.pairs import file_sha256
+
+        meta["training_pairs"] = {
+            "n": len(pairs),
+            "sha256": file_sha256(out_dir / "pairs.tsv"),
+        }
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -752,6 +896,8 @@ def train(
         checkpoints.restore(ckpt, state)
         log.info("resuming %s from step %d of %d", out_dir, state.step, total_steps)
 
+    if tracking:
+        accelerator.init_trackers(TRACKER_PROJECT, config=_hparams(config_record["train"]))
     start = time.perf_counter()
     bar = tqdm(
         total=total_steps,
@@ -811,6 +957,8 @@ def train(
                 "lr": lr,
             }
             state.rows.append(row)
+            if tracking:
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=state.step)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{row['loss']:.4f}",
@@ -825,14 +973,16 @@ def train(
                 on_step(state.step)
         elapsed = state.elapsed + time.perf_counter() - start
         if main:  # before the checkpoint, so a resume from it never lacks this epoch's adapter
-            save_adapter(model, out_dir / f"epoch-{epoch + 1}", meta)
+            save_adapter(model, out_dir / f"epoch-{epoch + 1}", _at(meta, state, epoch + 1))
         last_good = checkpoints.save(f"step-{state.step}", state, elapsed)
     bar.close()
+    if tracking:
+        accelerator.end_training()
     seconds = state.elapsed + time.perf_counter() - start
     final = out_dir / "final"
     rows = state.rows
     if main:
-        save_adapter(model, final, meta)
+        save_adapter(model, final, _at(meta, state, cfg.epochs))
         atomic_write_text(out_dir / "train_log.csv", _log_csv(rows))
         atomic_write_json(
             out_dir / "train.json",

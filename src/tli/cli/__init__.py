@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import typing
 
@@ -27,6 +28,7 @@ COMMANDS = (
     "tli.cli.probe",
     "tli.cli.plot",
     "tli.cli.sweep",
+    "tli.cli.compare",
 )
 
 log = logging.getLogger("tli")
@@ -63,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tli {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="CPU threads for torch (default: $TLI_THREADS, else torch's own choice); "
+        "on a busy machine 1 thread can win (docs/benchmarks.md)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name in COMMANDS:
         command = importlib.import_module(name)
@@ -70,6 +79,42 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_arguments(p)
         p.set_defaults(func=command.run)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+#: The environment variable that sets ``--threads`` when the option is not given.
+THREADS_ENV = "TLI_THREADS"
+
+
+def set_threads(option: int | None) -> int | None:
+    """Set torch's CPU threads from ``--threads``, else ``$TLI_THREADS``; return the number set.
+
+    Raises:
+        TLIError: ``$TLI_THREADS`` is not a positive integer.
+    """
+    value = option
+    if value is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        if not text:
+            return None
+        try:
+            value = _positive_int(text)
+        except argparse.ArgumentTypeError as err:
+            raise TLIError(f"{THREADS_ENV}: {err}") from None
+    import torch
+
+    torch.set_num_threads(value)
+    log.debug("torch threads: %d", value)
+    return value
 
 
 class _OneLine(logging.Formatter):
@@ -89,11 +134,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tli` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The command line as typed, for records that say how to repeat a run (model cards).
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
+        set_threads(args.threads)
         return int(args.func(args) or 0)
     except TLIError as err:
         print(f"tli: error: {one_line(str(err))}", file=sys.stderr)

@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 from tli.cli.options import (
+    adapter_and_model,
     adapter_command,
     add_adapter_arguments,
     add_pair_arguments,
+    add_plan_argument,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, YARDSTICKS_PNG, EvalConfig
@@ -18,7 +20,8 @@ NAME = "evaluate"
 HELP = "base vs. base + adapter: Tables 1 and 2, baseline, margin, retrieval, verdict"
 DESCRIPTION = (
     "Embed every pair of the trained and control sets at every layer with the "
-    "base model and with the adapter merged; report per set and layer the paper's Table 1 "
+    "base model and with the adapter merged (unmerged on a 4-bit base: merging would "
+    "re-quantize); report per set and layer the paper's Table 1 "
     "(mean (std), change, paired t-test) with the mismatched-pair baseline, the margin and "
     "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2; "
     "the frozen yardsticks of the base model per layer (a Procrustes map fitted on the trained "
@@ -44,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="skip the do-no-harm perplexity check (same as --perplexity false)",
     )
+    add_plan_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,10 +57,18 @@ def run(args: argparse.Namespace) -> int:
     from tli.plots import plot_yardsticks
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
+    if args.plan:
+        from tli.models import config_only
+        from tli.plan import model_stage, print_plan
+
+        _, mcfg = adapter_and_model(args)
+        config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+        note = "the adapter runs unmerged on 4-bit weights" if mcfg.load_in_4bit else ""
+        return print_plan([model_stage("evaluate", mcfg, config, note=note)], mcfg.device)
     if cfg.perplexity:
         text_sets(cfg.texts)  # a bad text file fails before any model is loaded
-    info, sets, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out)
+    info, sets, languages, loaded, load_s = adapter_command(args, "the evaluation")
+    result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
     figure = plot_yardsticks(args.out, args.out / YARDSTICKS_PNG)
     print("\n".join(result.summary_lines()))
     print()

@@ -29,6 +29,17 @@ def add_model_arguments(p: argparse.ArgumentParser, *, adapter: bool = False) ->
     add_dataclass_arguments(p, ModelConfig, skip=("name",))
 
 
+def add_plan_argument(p: argparse.ArgumentParser) -> None:
+    """``--plan``: print what the command will build and the memory it needs, then exit."""
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print, per stage, the layers it builds, their parameters and the memory of their "
+        "weights (dtype or 4-bit) against the free memory, from the model's config alone (no "
+        "weights read); then exit (code 2 when they cannot fit)",
+    )
+
+
 def model_config(args: argparse.Namespace, name: str | None = None) -> ModelConfig:
     """The ModelConfig of the command line: ``--model`` (else ``name``, else the default)."""
     values = overrides_from_args(ModelConfig, args)
@@ -41,7 +52,8 @@ def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> N
     p.add_argument(
         "--pairs",
         type=Path,
-        help="pair file (.json, .jsonl, .csv, .tsv); its split column, if any, gives the sets "
+        help="pair file (.json, .jsonl, .csv, .tsv, MUSE .txt); its split column, if any, "
+        "gives the sets "
         "(default: the bundled lexicon and its split)",
     )
     if control:
@@ -50,9 +62,22 @@ def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> N
 
 
 def add_key_arguments(p: argparse.ArgumentParser) -> None:
-    """``--src-key`` and ``--tgt-key``: the fields of the two languages in JSON/CSV/TSV files."""
+    """``--src-key`` / ``--tgt-key`` and ``--src-lang`` / ``--tgt-lang``.
+
+    The keys are the fields of the two languages in JSON/CSV/TSV files; the languages are their
+    names in every label, table and figure.
+    """
     p.add_argument("--src-key", default=SRC_KEY, help=f"source field (default: {SRC_KEY})")
     p.add_argument("--tgt-key", default=TGT_KEY, help=f"target field (default: {TGT_KEY})")
+    p.add_argument(
+        "--src-lang",
+        help="name of the source language in labels, tables, figures, prompts and the model "
+        "card (default: from the file's source field, a MUSE file's name xx-yy.txt, or "
+        "Swahili for the bundled lexicon)",
+    )
+    p.add_argument(
+        "--tgt-lang", help="name of the target language (default: as for --src-lang)"
+    )
 
 
 def pair_sets(args: argparse.Namespace) -> PairSets:
@@ -62,13 +87,21 @@ def pair_sets(args: argparse.Namespace) -> PairSets:
         getattr(args, "control", None),
         src_key=args.src_key,
         tgt_key=args.tgt_key,
+        src_lang=args.src_lang,
+        tgt_lang=args.tgt_lang,
     )
     sets.warn_leakage()
     return sets
 
 
-def checked_sets(args: argparse.Namespace, stage: str) -> dict[str, list]:
-    """:func:`pair_sets`, each non-empty set holding at least 2 pairs (:func:`check_sets`)."""
+def checked_sets(
+    args: argparse.Namespace, stage: str
+) -> tuple[dict[str, list], tuple[str, str]]:
+    """:func:`pair_sets`, each non-empty set holding at least 2 pairs (:func:`check_sets`).
+
+    Returns:
+        ``(sets, (source language, target language))``.
+    """
     import logging
 
     sets = pair_sets(args)
@@ -80,7 +113,7 @@ def checked_sets(args: argparse.Namespace, stage: str) -> dict[str, list]:
         logging.getLogger("tli").warning(
             "%s has no control set: %s covers the trained set only", sets.source, stage
         )
-    return checked
+    return checked, sets.languages
 
 
 def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,14 +129,14 @@ def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
 
 def adapter_command(
     args: argparse.Namespace, stage: str
-) -> tuple[Any, dict[str, list], Any, float]:
+) -> tuple[Any, dict[str, list], tuple[str, str], Any, float]:
     """The start of a command that compares a base model with an adapter (evaluate, probe).
 
     Checks ``--out``, reads the adapter, then the pair sets (both before any model is loaded),
     then loads the base model.
 
     Returns:
-        ``(adapter info, sets, loaded base model, seconds the load took)``.
+        ``(adapter info, sets, languages, loaded base model, seconds the load took)``.
     """
     import time
 
@@ -112,10 +145,10 @@ def adapter_command(
 
     ensure_writable_dir(args.out)
     info, model_cfg = adapter_and_model(args)
-    sets = checked_sets(args, stage)
+    sets, languages = checked_sets(args, stage)
     start = time.perf_counter()
     loaded = load_model(model_cfg)
-    return info, sets, loaded, time.perf_counter() - start
+    return info, sets, languages, loaded, time.perf_counter() - start
 
 
 def adapter_and_model(args: argparse.Namespace) -> tuple[Any, ModelConfig]:

@@ -11,6 +11,8 @@ from tli.pairs import (
     FORMATS,
     Pair,
     check_leakage,
+    detect_format,
+    file_languages,
     read_pairs,
     split_pairs,
     split_sets,
@@ -26,6 +28,14 @@ def _read_args(args: argparse.Namespace, path: str) -> list[Pair]:
     return read_pairs(path, src_key=args.src_key, tgt_key=args.tgt_key, fmt=args.format)
 
 
+def _languages(args: argparse.Namespace, path: str) -> tuple[str, str]:
+    """``--src-lang`` / ``--tgt-lang``, else the languages FILE names (its keys or file name)."""
+    keys: dict[str, str] = {}
+    read_pairs(path, src_key=args.src_key, tgt_key=args.tgt_key, fmt=args.format, keys=keys)
+    found = file_languages(path, detect_format(path, args.format), keys)
+    return args.src_lang or found[0], args.tgt_lang or found[1]
+
+
 def _report_leaks(leaks: list[str], what: str) -> None:
     print(f"leakage {what}: {len(leaks) or 'none'}")
     for line in leaks[:20]:
@@ -36,18 +46,22 @@ def _report_leaks(leaks: list[str], what: str) -> None:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     pairs = _read_args(args, args.file)
-    print(f"{args.file}")
+    langs = _languages(args, args.file)
+    print(f"{args.file} ({langs[0]} -> {langs[1]})")
     print(summarize(pairs))
     print()
     leaks: list[tuple[list[str], str]] = []
     sets = split_sets(pairs)
     if any(p.split is not None for p in pairs):
         leaks.append(
-            (check_leakage(sets["trained"], sets["control"]), "between trained and control")
+            (
+                check_leakage(sets["trained"], sets["control"], langs),
+                "between trained and control",
+            )
         )
     if args.against:
         trained = split_sets(_read_args(args, args.against))["trained"]
-        leaks.append((check_leakage(trained, pairs), f"with {args.against}"))
+        leaks.append((check_leakage(trained, pairs, langs), f"with {args.against}"))
     if args.model:
         from tli.models import load_tokenizer
 
@@ -79,6 +93,8 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    if not str(args.out).lower().endswith(".tsv"):
+        raise TLIError(f"{args.out}: pairs are written as TSV; give a .tsv file name")
     pairs = _read_args(args, args.file)
     split = split_pairs(pairs, control_fraction=args.control_fraction, seed=args.seed)
     sets = split_sets(split)
@@ -96,9 +112,22 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    pairs = _read_args(args, args.file)
+    out_fmt = detect_format(args.out, args.to)
+    out_keys = (args.out_src_key or args.src_key, args.out_tgt_key or args.tgt_key)
+    write_pairs(pairs, args.out, src_key=out_keys[0], tgt_key=out_keys[1], fmt=out_fmt)
+    n = sum(len(p.targets) for p in pairs)
+    print(f"wrote {args.out} ({out_fmt}): {len(pairs)} source entries, {n} translations")
+    return 0
+
+
 NAME = "pairs"
-HELP = "check and split word-pair files"
-DESCRIPTION = "Read, validate, summarise and split word-pair files."
+HELP = "check, split and convert word-pair files"
+DESCRIPTION = (
+    "Read, validate, summarise, split and convert word-pair files (JSON, JSONL, CSV, TSV and "
+    "MUSE/vecmap dictionaries)."
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,9 +135,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="pairs_command", metavar="ACTION", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("file", metavar="FILE", help="pair file (.json, .jsonl, .csv, .tsv)")
+        p.add_argument(
+            "file", metavar="FILE", help="pair file (.json, .jsonl, .csv, .tsv, MUSE .txt)"
+        )
         add_key_arguments(p)
-        p.add_argument("--format", choices=FORMATS, help="file format (default: by extension)")
+        p.add_argument(
+            "--format",
+            choices=FORMATS,
+            help="format of FILE (default: by extension; .txt is muse: 'source target' per "
+            "line, whitespace-separated, a repeated source lists an alternative)",
+        )
 
     check = sub.add_parser(
         "check",
@@ -142,7 +178,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     split.add_argument("--out", required=True, metavar="OUT.tsv", help="output TSV (may be FILE)")
     split.set_defaults(pairs_func=_cmd_split)
 
+    convert = sub.add_parser(
+        "convert",
+        help="convert a pair file between JSON, JSONL, CSV, TSV and MUSE",
+        description="Read FILE (validated as every command reads it) and write its pairs to OUT "
+        "in the format of OUT's extension or --to. A MUSE file holds one 'source target' line "
+        "per translation and no metadata (a warning names the columns dropped); an entry with "
+        "whitespace cannot be written to it.",
+    )
+    common(convert)
+    convert.add_argument("out", metavar="OUT", help="output file (.json, .jsonl, .csv, .tsv, .txt)")
+    convert.add_argument("--to", choices=FORMATS, help="format of OUT (default: by extension)")
+    convert.add_argument(
+        "--out-src-key", metavar="KEY", help="source field of OUT (default: --src-key)"
+    )
+    convert.add_argument(
+        "--out-tgt-key", metavar="KEY", help="target field of OUT (default: --tgt-key)"
+    )
+    convert.set_defaults(pairs_func=_cmd_convert)
+
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tli pairs check`` or ``tli pairs split``; returns the exit code."""
+    """Run ``tli pairs check``, ``split`` or ``convert``; returns the exit code."""
     return args.pairs_func(args)

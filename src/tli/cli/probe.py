@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(overrides.get(key), str):
             overrides[key] = overrides[key].replace("\\n", "\n")
     cfg = build(ProbeConfig, overrides)
-    info, sets, loaded, load_s = adapter_command(args, "the probe")
-    result = probe(loaded, info.dir, sets, cfg, args.out)
+    info, sets, languages, loaded, load_s = adapter_command(args, "the probe")
+    result = probe(loaded, info.dir, sets, cfg, args.out, languages=languages)
     print(result.summary_line())
     if result.scored:
         print()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tli.cli.options import add_plan_argument
 from tli.config import parse_set, read_toml
 from tli.errors import TLIError
 from tli.pipeline.config import absolute_paths, load_run_config, resolve_config
@@ -37,6 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="DIR", help="finish the run in DIR")
     p.add_argument("--model", help="shortcut for --set model.name=...")
     p.add_argument("--pairs", help="shortcut for --set pairs.file=...")
+    p.add_argument("--src-lang", help="shortcut for --set pairs.src_lang=... (e.g. German)")
+    p.add_argument("--tgt-lang", help="shortcut for --set pairs.tgt_lang=...")
+    p.add_argument(
+        "--report-to",
+        metavar="TRACKER",
+        help="shortcut for --set train.report_to=...: none, tensorboard, mlflow or wandb "
+        "(training curves through accelerate's trackers)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -44,18 +53,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override any config key, e.g. --set train.epochs=3 (repeatable)",
     )
+    add_plan_argument(p)
+
+
+def _plan(cfg: Any) -> int:
+    from tli.plan import print_plan, run_stages
+
+    return print_plan(run_stages(cfg), cfg.model.device)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli run``; returns the exit code."""
+    shortcuts = (args.model, args.pairs, args.src_lang, args.tgt_lang, args.report_to)
     if args.resume is not None and (
-        args.config or args.preset or args.set or args.model or args.pairs or args.out
+        args.config or args.preset or args.set or args.out or any(shortcuts)
     ):
         raise TLIError(
             "--resume DIR continues the run with its saved config; give no other config options"
         )
     if args.resume is not None:
         run_dir = args.resume
+        if args.plan:
+            cfg = load_run_config(Path(run_dir) / "config.toml")
+            return _plan(cfg)
         prepare_run_dir(Path(run_dir), overwrite=False, resume=True)
         cfg = load_run_config(Path(run_dir) / "config.toml")
     else:
@@ -69,8 +89,17 @@ def run(args: argparse.Namespace) -> int:
             cli.setdefault("model", {})["name"] = args.model
         if args.pairs:
             cli.setdefault("pairs", {})["file"] = args.pairs
+        for section, key, value in (
+            ("pairs", "src_lang", args.src_lang),
+            ("pairs", "tgt_lang", args.tgt_lang),
+            ("train", "report_to", args.report_to),
+        ):
+            if value:
+                cli.setdefault(section, {})[key] = value
         cfg = resolve_config(*layers, cli, where=str(args.config or "command line"))
         cfg = absolute_paths(cfg)
+        if args.plan:
+            return _plan(cfg)
         run_dir = args.out or Path("runs/tli")
     start = time.perf_counter()
     out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None, overwrite=args.overwrite)

@@ -7,7 +7,13 @@ import sys
 import time
 from pathlib import Path
 
-from tli.cli.options import add_model_arguments, add_pair_arguments, checked_sets, model_config
+from tli.cli.options import (
+    add_model_arguments,
+    add_pair_arguments,
+    add_plan_argument,
+    checked_sets,
+    model_config,
+)
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.scan import CSV_NAME, JSON_NAME, PNG_NAME, ScanConfig
 
@@ -30,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
     )
+    add_plan_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,12 +48,18 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = build(ScanConfig, overrides_from_args(ScanConfig, args))
     model_cfg = model_config(args)
+    if args.plan:
+        from tli.models import config_only
+        from tli.plan import model_stage, print_plan
+
+        config = config_only(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+        return print_plan([model_stage("scan", model_cfg, config)], model_cfg.device)
     ensure_writable_dir(args.out)
-    sets = checked_sets(args, "the scan")
+    sets, languages = checked_sets(args, "the scan")
     start = time.perf_counter()
     loaded = load_model(model_cfg)
     load_s = time.perf_counter() - start
-    result = run_scan(loaded, sets, cfg)
+    result = run_scan(loaded, sets, cfg, languages=languages)
     result.timings["load_s"] = load_s
     result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
     if args.control is not None:

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
-from tli.cli.options import add_model_arguments, add_pair_arguments, model_config, pair_sets
+from tli.cli.options import (
+    add_model_arguments,
+    add_pair_arguments,
+    add_plan_argument,
+    model_config,
+    pair_sets,
+)
 from tli.config import add_dataclass_arguments, build, overrides_from_args, to_dict
 from tli.errors import TLIError
 from tli.pipeline.presets import PRESETS, train_values
@@ -32,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR")
     add_dataclass_arguments(p, TrainConfig)
     add_model_arguments(p)
+    add_plan_argument(p)
 
 
 def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
@@ -56,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from tli import surgery
     from tli.io import ensure_writable_dir
     from tli.models import ModelConfig, load_config, load_model
-    from tli.train import load_depth, train
+    from tli.train import check_tracker, load_depth, train
 
     out_dir = args.resume or args.out
     if args.resume is not None:
@@ -67,17 +75,37 @@ def run(args: argparse.Namespace) -> int:
         cfg = build(TrainConfig, preset, overrides_from_args(TrainConfig, args))
         mcfg = model_config(args)
         pairs = None
+    check_tracker(cfg.report_to)  # before any model is loaded
     needs_target = cfg.loss_layers is None or "target" in cfg.loss_layers
     if cfg.layer is None and needs_target:
         raise TLIError("--layer is required (run `tli scan` to choose one)")
+    if args.plan:
+        from tli.models import config_only
+        from tli.plan import print_plan, train_stage
+
+        config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
+        return print_plan([train_stage(mcfg, config, cfg)], mcfg.device)
     ensure_writable_dir(out_dir)
+    card = None  # a resume reuses the card facts train_config.json recorded
     if pairs is None:
-        pairs = pair_sets(args).trained
+        sets = pair_sets(args)
+        pairs = sets.trained
+        card = {
+            "languages": list(sets.languages),
+            "data": sets.summary(),
+            "command": "tli " + shlex.join(str(a) for a in args.argv),
+        }
     _, config = load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     depth = load_depth(cfg, surgery.num_layers(config))
-    loaded = load_model(mcfg, max_layer=depth)
+    loaded = load_model(mcfg, max_layer=depth, lm_head=False)  # training never uses it
     result = train(
-        loaded, pairs, cfg, out_dir, resume=args.resume is not None, model_config=to_dict(mcfg)
+        loaded,
+        pairs,
+        cfg,
+        out_dir,
+        resume=args.resume is not None,
+        model_config=to_dict(mcfg),
+        card=card,
     )
     print(
         f"trained {result.steps} steps in {result.seconds:.1f} s "

@@ -38,6 +38,18 @@ class PairsConfig:
     )
     src_key: str = field(default=SRC_KEY, metadata={"help": "source field in JSON/CSV files"})
     tgt_key: str = field(default=TGT_KEY, metadata={"help": "target field in JSON/CSV files"})
+    src_lang: str | None = field(
+        default=None,
+        metadata={
+            "help": "name of the source language in every label, table, figure, probe prompt "
+            "and the model card; none: the file's source field (swahili -> Swahili, de -> de), "
+            "a MUSE file's name (de-en.txt -> de), or Swahili for the bundled lexicon"
+        },
+    )
+    tgt_lang: str | None = field(
+        default=None,
+        metadata={"help": "name of the target language; none: as for src_lang (English)"},
+    )
     resplit: bool = field(
         default=False,
         metadata={
@@ -56,6 +68,10 @@ class PairsConfig:
             value = getattr(self, name)
             if isinstance(value, str) and (not value.strip() or "\0" in value):
                 raise TLIError(f"pairs.{name} must be a file path, got {value!r}")
+        for name in ("src_lang", "tgt_lang"):
+            value = getattr(self, name)
+            if value is not None and (not value.strip() or any(c in value for c in "\n\r\0")):
+                raise TLIError(f"pairs.{name} must be a language name on one line, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +161,12 @@ def resolve_config(*layers: dict[str, Any], where: str = "config") -> RunConfig:
             raise TLIError(f"{where}: [{key}] must be a table of keys, got {value!r}")
         if "pooling" in value:
             raise TLIError(f"{where}: [{key}] pooling: set pooling once, at the top level")
+        moved = [k for k in ("src_lang", "tgt_lang") if key == "probe" and k in value]
+        if moved:
+            raise TLIError(
+                f"{where}: [probe] {moved[0]} moved to [pairs] {moved[0]}: the pair config names "
+                "the languages of every stage"
+            )
     for name, cls in SECTIONS.items():
         values = dict(merged.get(name, {}))
         names = {f.name for f in dataclasses.fields(cls)}

@@ -52,6 +52,8 @@ def load_sets(cfg: RunConfig) -> PairSets:
         resplit=pc.resplit,
         control_fraction=pc.control_fraction,
         split_seed=pc.split_seed,
+        src_lang=pc.src_lang,
+        tgt_lang=pc.tgt_lang,
     )
     if len(sets.trained) < 2 or len(sets.control) < 2:
         where = pc.file or "the bundled lexicon"
@@ -71,16 +73,17 @@ def stage_pairs(cfg: RunConfig, run_dir: Path) -> dict[str, list]:
     pc = cfg.pairs
     sets = load_sets(cfg)
     folder = ensure_dir(run_dir / "pairs")
-    write_pairs(
+    write_pairs(  # source/target columns: the languages may be any pair (read_pairs takes them)
         [dataclasses.replace(p, split="trained") for p in sets.trained]
         + [dataclasses.replace(p, split="control") for p in sets.control],
         folder / "pairs.tsv",
+        src_key="source",
+        tgt_key="target",
     )
     summary = {
+        **sets.summary(),
         "source": str(Path(pc.file).resolve()) if pc.file else "bundled lexicon",
         "control_source": str(Path(pc.control).resolve()) if pc.control else None,
-        "trained": len(sets.trained),
-        "control": len(sets.control),
         "leakage": sets.leaks,
     }
     sets.warn_leakage()
@@ -117,6 +120,7 @@ class Runner:
     def __init__(self, cfg: RunConfig, run_dir: Path, *, progress: bool = True) -> None:
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         self._full: Any = None
+        self._base_vectors: Any = None  # the scan's tli.embed.Embedding, for the evaluation
         self.record: dict[str, Any] = {"stages": {}}
         if (run_dir / "run.json").is_file():
             self.record = json.loads((run_dir / "run.json").read_text())
@@ -137,6 +141,16 @@ class Runner:
         if self._full is None:
             self._full = load_model(self.cfg.model)
         return self._full
+
+    def data(self) -> dict[str, Any]:
+        """What the pairs stage recorded: files, SHA-256, counts, languages (summary.json)."""
+        return json.loads((self.run_dir / MARKERS["pairs"]).read_text(encoding="utf-8"))
+
+    @property
+    def languages(self) -> tuple[str, str]:
+        """The run's source and target language names (from the pair config, via the pairs)."""
+        data = self.data()
+        return str(data.get("src_lang", "source")), str(data.get("tgt_lang", "target"))
 
     def note(self, stage: str, **facts: Any) -> None:
         """Record facts about a stage in ``run.json``."""
@@ -161,8 +175,11 @@ class Runner:
     def _scan(self) -> None:
         from tli.scan import run_scan
 
-        result = run_scan(self.full_model(), saved_sets(self.run_dir), self.cfg.scan)
+        result = run_scan(
+            self.full_model(), saved_sets(self.run_dir), self.cfg.scan, languages=self.languages
+        )
         result.save(self.run_dir / "scan")
+        self._base_vectors = result.embedding
         self.note("scan", chosen_layer=result.chosen_layer, warnings=result.warnings)
 
     def _train(self) -> None:
@@ -175,7 +192,10 @@ class Runner:
         tcfg = dataclasses.replace(self.cfg.train, layer=layer)
         tokenizer = self._full.tokenizer if self._full is not None else None
         loaded = load_model(
-            self.cfg.model, tokenizer=tokenizer, max_layer=load_depth(tcfg, scan.num_layers)
+            self.cfg.model,
+            tokenizer=tokenizer,
+            max_layer=load_depth(tcfg, scan.num_layers),
+            lm_head=False,  # training never uses it
         )
         resume = (self.run_dir / "train" / "checkpoints" / "latest").is_file()
         train(
@@ -186,20 +206,35 @@ class Runner:
             resume=resume,
             model_config=to_dict(self.cfg.model),
             progress=self.progress,
+            card={
+                "languages": list(self.languages),
+                "data": {k: v for k, v in self.data().items() if k != "leakage"},
+                "command": f"tli run --config {self.run_dir / 'config.toml'} --out NEW_RUN_DIR",
+            },
         )
         self.note("train", layer=layer, layer_source=how, resumed=resume)
 
     def _evaluate(self) -> None:
+        from tli.adapters import write_card
         from tli.evaluate import evaluate
 
+        final = self.run_dir / "train" / "final"
         result = evaluate(
             self.full_model(),
-            self.run_dir / "train" / "final",
+            final,
             saved_sets(self.run_dir),
             self.cfg.evaluate,
             self.run_dir / "eval",
+            languages=self.languages,
+            base_vectors=self._base_vectors,
         )
-        self.note("evaluate", verdicts=result.summary_lines())
+        self._base_vectors = None  # the base model is reused by the probe, not its vectors
+        write_card(final, evaluation=result)  # the model card now shows Table 1 and verdicts
+        self.note(
+            "evaluate",
+            verdicts=result.summary_lines(),
+            base_vectors_reused=bool(result.timings.get("base_vectors_reused")),
+        )
 
     def _probe(self) -> None:
         """Generated text, scored translation (``enabled``), and the LM ranking (``rank``).
@@ -212,14 +247,14 @@ class Runner:
 
             result = probe(self.full_model(), self.run_dir / "train" / "final",
                            saved_sets(self.run_dir), pc, self.run_dir / "probe",
-                           score=True, rank=pc.rank)
+                           score=True, rank=pc.rank, languages=self.languages)
             self.note("probe", summary=result.summary_line(), warnings=result.warnings)
         elif pc.rank:
             from tli.probe import lm_rank
             from tli.tables import rank_line
 
             ranking = lm_rank(self.full_model(), saved_sets(self.run_dir), pc,
-                              self.run_dir / "probe")
+                              self.run_dir / "probe", languages=self.languages)
             self.note("probe", rank=rank_line(ranking))
         atomic_write_json(
             self.run_dir / MARKERS["probe"], {"enabled": pc.enabled, "rank": pc.rank}
@@ -243,9 +278,9 @@ def preflight(cfg: RunConfig) -> None:
     """Check a new run's inputs before its directory is created: pairs, model, layer.
 
     Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
-    way), reads the perplexity check's text files, finds the model's config (no weights) and
-    checks a set training layer against its depth, so bad input fails in seconds with nothing
-    written.
+    way), reads the perplexity check's text files, finds the model's config (no weights),
+    checks a set training layer against its depth and that the full model's weights fit in the
+    free memory (:mod:`tli.memory`), so bad input fails in seconds with nothing written.
     """
     load_sets(cfg)
     if cfg.evaluate.perplexity:
@@ -253,6 +288,9 @@ def preflight(cfg: RunConfig) -> None:
 
         text_sets(cfg.evaluate.texts)  # a bad text file fails before the run directory exists
     from tli.models import EMBEDDED, load_config
+    from tli.train import check_tracker
+
+    check_tracker(cfg.train.report_to)
 
     name = cfg.model.name
     if name in EMBEDDED or name.lower().endswith(".gguf"):
@@ -272,6 +310,14 @@ def preflight(cfg: RunConfig) -> None:
             plan(train, n)
         except TLIError as err:
             raise TLIError(f"[train] {err} (model {name!r} has {n} layers)") from None
+    from tli import memory
+
+    # The scan's full model is the largest load of a run (training loads fewer blocks).
+    full = memory.footprint(
+        config, cfg.model.dtype, load_in_4bit=cfg.model.load_in_4bit,
+        double_quant=cfg.model.double_quant, name=name,
+    )  # fmt: skip
+    memory.check_fits(full, cfg.model.device)
 
 
 def run_pipeline(
