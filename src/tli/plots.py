@@ -659,9 +659,12 @@ def plot_yardsticks(
             capsize=4,
         )
         for j, c in enumerate(changes):
-            ax.text(j, c, f"{c:+.1f}%", ha="center", va="bottom" if c >= 0 else "top", fontsize=7)
+            text = f"x{1 + c / 100:.3g}" if c > 100 else f"{c:+.1f}%"  # many-fold: the ratio
+            ax.text(j, c, text, ha="center", va="bottom" if c >= 0 else "top", fontsize=7)
         ax.set_xticks(x, [r[0] for r in data["perplexity"]], rotation=35, ha="right", fontsize=7)
         ax.axhline(0, color="black", linewidth=0.8)
+        if max(abs(c) + r[3] for c, r in zip(changes, data["perplexity"], strict=True)) > 100:
+            ax.set_yscale("symlog", linthresh=10)  # a many-fold rise: linear within +-10%
     else:
         ax.text(
             0.5,
