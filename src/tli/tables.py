@@ -510,6 +510,19 @@ def eval_markdown(result: EvalResult) -> str:
         findings_table(result),
         "",
         FINDINGS_NOTE,
+    ]
+    if result.target_layer is not None and result.target_layer != n:
+        lines += [
+            "",
+            f"At the training layer ({result.target_layer}):",
+            "",
+            *[f"- {line}" for line in result.verdict_lines(result.target_layer)],
+            "",
+            findings_table(result, result.target_layer),
+        ]
+    if result.warnings:
+        lines += ["", "Warnings:", "", *[f"- {w}" for w in result.warnings]]
+    lines += [
         "",
         "## Do no harm: perplexity on everyday texts",
         "",
@@ -526,17 +539,6 @@ def eval_markdown(result: EvalResult) -> str:
             "",
             YARDSTICK_NOTE,
         ]
-    if result.target_layer is not None and result.target_layer != n:
-        lines += [
-            "",
-            f"At the training layer ({result.target_layer}):",
-            "",
-            *[f"- {line}" for line in result.verdict_lines(result.target_layer)],
-            "",
-            findings_table(result, result.target_layer),
-        ]
-    if result.warnings:
-        lines += ["", "Warnings:", "", *[f"- {w}" for w in result.warnings]]
     lines += [
         "",
         f"## Table 1: translation-pair cosine at the final layer ({n})",
