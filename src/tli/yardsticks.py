@@ -17,7 +17,9 @@ layer and in both directions, from vectors alone (no model, no files):
 The control set never enters the fit: it is only mapped and scored. On the trained set the map is
 scored on the pairs it was fitted on (in-sample), which says what a linear map can *inject*.
 Every P@1 comes with its Wilson interval and the MRR. The retrieval itself is
-:func:`tli.metrics.bli_report` and :func:`tli.metrics.centered_report`.
+:func:`tli.metrics.retrieval` on :func:`tli.metrics.similarity`,
+:func:`tli.metrics.csls_from_similarity` and :func:`tli.metrics.centered_similarity`; each
+cosine matrix serves both directions (target -> source is its transpose).
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tli.metrics import bli_report, center, centered_report
+from tli.metrics import (
+    center,
+    centered_similarity,
+    csls_from_similarity,
+    retrieval,
+    similarity,
+)
 
 #: The frozen yardsticks, in the order tables and figures list them.
 YARDSTICKS: tuple[str, ...] = (
@@ -126,28 +134,25 @@ def score_set(
     from tli.stats import wilson_interval
 
     n = src.shape[-2]
-    xs, ys = prepare(src), prepare(tgt)  # (L, B, D) each
     gold_t = gold.transpose(-1, -2)
-    reports: dict[str, dict[str, dict[str, torch.Tensor]]] = {d: {} for d in DIRECTIONS}
-    for direction, (q, c, g) in (("s2t", (src, tgt, gold)), ("t2s", (tgt, src, gold_t))):
-        plain = centered_report(q, c, g)
-        reports[direction]["centered"] = {
-            "rank": plain["rank_centered"],
-            "mrr": plain["mrr_centered"],
-        }
+    # One cosine matrix per method serves both directions: t2s is the transpose of s2t (with
+    # W orthogonal, cos(y W^T, x) = cos(y, x W)), so t2s never recomputes it.
+    sims: dict[str, torch.Tensor] = {"centered": centered_similarity(src, tgt)}  # (L, B, B)
     if w is not None:
-        w = w.to(xs.device)
-        mapped = {
-            "s2t": (xs @ w, ys, gold),  # (L, B, D): sources mapped into the target space
-            "t2s": (ys @ w.transpose(-1, -2), xs, gold_t),  # W^T maps targets back
-        }
-        for direction, (q, c, g) in mapped.items():
-            report = bli_report(q, c, g, csls_k=csls_k) | centered_report(q, c, g)
-            for method in ("nn", "csls", "centered"):
-                reports[direction][f"procrustes_{method}"] = {
-                    "rank": report[f"rank_{method}"],
-                    "mrr": report[f"mrr_{method}"],
-                }
+        mapped = prepare(src) @ w.to(src.device)  # (L, B, D): sources in the target space
+        target = prepare(tgt)  # (L, B, D)
+        sims["procrustes_nn"] = similarity(mapped, target)
+        sims["procrustes_centered"] = centered_similarity(mapped, target)
+    reports: dict[str, dict[str, dict[str, torch.Tensor]]] = {d: {} for d in DIRECTIONS}
+    for direction, g in (("s2t", gold), ("t2s", gold_t)):
+        for kind in YARDSTICKS:
+            base = "procrustes_nn" if kind == "procrustes_csls" else kind
+            if base not in sims:
+                continue
+            sim = sims[base] if direction == "s2t" else sims[base].transpose(-1, -2)
+            scores = csls_from_similarity(sim, csls_k) if kind == "procrustes_csls" else sim
+            result = retrieval(scores, g, ks=(1,))
+            reports[direction][kind] = {"rank": result["rank"], "mrr": result["mrr"]}
     out: dict[str, list[float]] = {}
     for direction in DIRECTIONS:
         for kind in YARDSTICKS:
