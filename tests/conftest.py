@@ -271,6 +271,19 @@ def inputs(tmp_path_factory):
         "wrong_type.toml": WRONG_TYPE_TOML,
         "unknown_preset.toml": 'preset = "nope"\n',
         "bad_pooling.toml": 'pooling = "max"\n',
+        "ok.toml": "[train]\nepochs = 1\n",
+        "obj.json": '{"swahili": "maji", "english": "water"}',
+        "dup.json": '[{"swahili": "maji", "english": "water", "english": "wet"}]',
+        "dup.jsonl": '{"swahili": "maji", "english": "water"}\n'
+        '{"swahili": "moto", "english": "fire", "swahili": "joto"}\n',
+        # every trained target the same: training has no negatives
+        "same.tsv": "swahili\tenglish\tsplit\n"
+        + "".join(f"neno{i}\tword\ttrained\n" for i in range(6))
+        + "".join(f"kitu{i}\tthing{i}\tcontrol\n" for i in range(3)),
+        # control pairs that share an English gloss with trained ones
+        "leaky.tsv": "swahili\tenglish\tsplit\nmaji\twater\ttrained\nmoto\tfire\ttrained\n"
+        "jua\tsun\ttrained\nmvua\train\ttrained\nmaji-maji\twater\tcontrol\n"
+        "ndimu\tlemon\tcontrol\nchai\ttea\tcontrol\n",
     }
     for name, text in files.items():
         (d / name).write_text(text, encoding="utf-8")
@@ -282,6 +295,18 @@ def inputs(tmp_path_factory):
     (d / "notrun").mkdir()
     (d / "notrun" / "notes.txt").write_text("someone's files\n")
     (d / "notrun.tsv").write_text("x")
+    return d
+
+
+@pytest.fixture(scope="session")
+def special(tmp_path_factory):
+    """Files that are not regular files, or too large to read: a FIFO, /dev/zero, a 65 MiB file."""
+    d = tmp_path_factory.mktemp("special")
+    os.mkfifo(d / "fifo.tsv")
+    os.symlink("/dev/zero", d / "zero.tsv")
+    with open(d / "huge.tsv", "wb") as handle:  # sparse: no disk used
+        handle.truncate(65 * 2**20)
+    os.mkfifo(d / "fifo.toml")
     return d
 
 
@@ -332,6 +357,47 @@ def corrupt_adapter(adapter, tmp_path_factory):
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
     return path
+
+
+def damage_adapter(source: Path, target: Path, *, weights=None, config=None) -> Path:
+    """A copy of the adapter ``source`` at ``target``, its tensors or config edited.
+
+    ``weights`` maps the tensors (name -> tensor) to the ones to save; ``config`` updates
+    ``adapter_config.json``.
+    """
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if weights is not None:
+        path = target / "adapter_model.safetensors"
+        save_file(weights(load_file(path)), path)
+    if config is not None:
+        path = target / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    return target
+
+
+#: Damaged adapters: name -> what is wrong (see `damaged`).
+DAMAGE = {
+    "renamed": dict(weights=lambda w: {k.replace("lora_", "lorax_"): v for k, v in w.items()}),
+    "no-lora-b": dict(weights=lambda w: {k: v for k, v in w.items() if "lora_B" not in k}),
+    "one-layer-missing": dict(weights=lambda w: {k: v for k, v in w.items()
+                                                 if ".layers.1." not in k}),  # fmt: skip
+    "rank-mismatch": dict(config={"r": 8}),
+    "bad-peft-type": dict(config={"peft_type": "NOPE"}),
+    "integer-weights": dict(weights=lambda w: {k: v.to(torch.int64) for k, v in w.items()}),
+}
+
+
+@pytest.fixture(scope="session")
+def damaged(adapter, tmp_path_factory):
+    """The `adapter` fixture damaged in each way of DAMAGE, one folder per name."""
+    root = tmp_path_factory.mktemp("damaged")
+    for name, how in DAMAGE.items():
+        damage_adapter(adapter, root / name, **how)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -164,3 +164,99 @@ def test_evaluation_json_does_not_depend_on_hash_order(adapter):
     for order in (["q_proj", "v_proj"], ["v_proj", "q_proj"]):
         info.config["target_modules"] = order
         assert info.summary()["peft"]["target_modules"] == ["q_proj", "v_proj"]
+
+
+# --- an adapter loads completely or not at all, wherever it is attached ----------------------
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    return load_model(ModelConfig(str(tiny_model_dir)))
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+
+
+@pytest.mark.parametrize("name", ["renamed", "no-lora-b", "one-layer-missing", "rank-mismatch"])
+def test_an_incomplete_adapter_is_never_attached(base, damaged, name):
+    """The paper's bug: peft only warns ("Found missing adapter keys") and the base model, or
+    part of the adapter, is evaluated. Every place tli attaches an adapter (merged for the
+    evaluation, attached for the probe and the sweep) refuses it, naming the first tensor,
+    and leaves the base model as it was."""
+    from tli.adapters import Merged, attached, read_adapter
+    from tli.evaluate import evaluate
+
+    from conftest import EVAL_CONTROL
+
+    info = read_adapter(damaged / name)
+    weights = {k: v.clone() for k, v in base.model.state_dict().items()}
+    needle = "has shape" if name == "rank-mismatch" else "is missing"
+    with pytest.raises(TLIError, match=f"tensor base_model.*{needle}.*evaluated only in part"):
+        Merged(base, info)
+    with pytest.raises(TLIError, match=f"tensor base_model.*{needle}.*probed only in part"):
+        with attached(base, info):
+            pass
+    with pytest.raises(TLIError, match=needle):
+        evaluate(base, damaged / name, {"trained": EVAL_TRAINED, "control": EVAL_CONTROL})
+    assert _lora_layers(base.model) == []
+    after = base.model.state_dict()
+    assert weights.keys() == after.keys()
+    assert all(torch.equal(weights[k], after[k]) for k in weights)
+
+
+def test_an_incomplete_adapter_is_refused_before_the_model_is_loaded(
+    run_cli, monkeypatch, damaged, inputs, tmp_path
+):
+    """The adapter's own files and the model's config (meta device) are enough to see it."""
+    import tli.models
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(tli.models, "load_model", never)
+    for command in ("evaluate", "probe"):
+        code, _, err = run_cli(command, "--adapter", damaged / "one-layer-missing", "--pairs",
+                               inputs / "split.tsv", "--out", tmp_path / command)  # fmt: skip
+        assert_one_line_error(code, err, "layers.1.self_attn.q_proj.lora_A.weight is missing")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_complete_adapter_checks_clean(adapter, tiny_model_dir):
+    from tli.adapters import check_adapter, check_tensors
+    from tli.models import meta_model
+
+    info = read_adapter(adapter)
+    check_adapter(info, meta_model(ModelConfig(str(tiny_model_dir))))
+    check_tensors(info, meta_model(ModelConfig(str(tiny_model_dir))))
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type 'PREFIX_TUNING' is not supported"),
+        ({"peft_type": None}, "peft_type None is not supported"),
+        ({"r": 0}, "r must be a positive integer (the LoRA rank), got 0"),
+        ({"r": "16"}, "r must be a positive integer"),
+        ({"lora_alpha": None}, "lora_alpha must be a number, got None"),
+        ({"target_modules": []}, "target_modules must be a module name or a list of them"),
+    ],
+)
+def test_adapter_config_fields_are_checked_with_a_clear_message(adapter, tmp_path, change,
+                                                                 needle):  # fmt: skip
+    path = _copy(adapter, tmp_path)
+    _edit_json(path / "adapter_config.json", **change)
+    with pytest.raises(TLIError) as err:
+        read_adapter(path)
+    assert needle in str(err.value) and "adapter_config.json" in str(err.value)
+
+
+def test_save_adapter_writes_ordinary_file_modes(adapter_dir):
+    from tli.io import current_umask
+
+    mask = current_umask()
+    for path in [adapter_dir, *adapter_dir.iterdir()]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, (path.name, oct(path.stat().st_mode))

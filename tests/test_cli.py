@@ -9,6 +9,7 @@ its traceback and exits 1.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import re
 import shlex
@@ -215,7 +216,7 @@ BAD_INPUT = {
     "run-out-is-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile",
                           ["afile", "exists and is not a directory"]),
     "run-out-under-a-file": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/afile/run",
-                             ["afile/run", "Not a directory"]),
+                             ["afile/run", "is not a directory"]),
     "run-out-foreign-directory": ("run --model {model} --pairs {d}/pairs.tsv --out {d}/notrun",
                                   ["notrun", "not a tli run directory"]),
     "run-resume-missing": ("run --resume {d}/nope", ["nope", "not a tli run directory"]),
@@ -227,6 +228,45 @@ BAD_INPUT = {
     "run-resume-with-options": ("run --resume {d}/notrun --set train.epochs=3",
                                 ["--resume DIR continues the run with its saved config"]),
     # tli pairs check / split
+    # round 2: checked before anything is written or deleted
+    "run-set-empty-key": ("run --model {model} --set train.=1 --out {out}",
+                          ["--set 'train.=1'", "expected section.key=value"]),
+    "run-set-blamed-on-the-command-line": (
+        "run --config {d}/ok.toml --model {model} --set train.nope=1 --out {out}",
+        ["command line: [train] unknown key 'nope'"]),
+    "run-select-on-typo": ("run --model {model} --set scan.select_on=contrl --out {out}",
+                           ["[scan] select_on must be one of trained, control, got 'contrl'"]),
+    "run-temperature-inf": ("run --model {model} --set train.temperature=inf --out {out}",
+                            ["[train] temperature must be a finite number, got inf"]),
+    "run-batch-size-huge": ("run --model {model} --set train.batch_size=1000000000 --out {out}",
+                            ["[train] batch_size must be <= 65536"]),
+    "run-seed-negative": ("run --model {model} --set evaluate.seed=-1 --out {out}",
+                          ["[evaluate] seed must be an integer >= 0, got -1"]),
+    "run-adapt-layers-outside": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.adapt_layers='\"9\"' --out {out}",
+        ["[train] adapt_layers: block 9 is outside 0..3"]),
+    "run-adapt-layers-above-the-loss": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.layer=2 "
+        "--set train.adapt_layers='\"3\"' --out {out}",
+        ["[train] adapt_layers: block 3 is at or above the deepest loss layer 2"]),
+    "run-target-modules-unknown": (
+        "run --model {model} --pairs {d}/pairs.tsv --set train.target_modules='[\"nope\"]' "
+        "--out {out}", ["[train] target_modules nope: cannot add adapters"]),
+    "run-no-negatives": ("run --model {model} --pairs {d}/same.tsv --out {out}",
+                         ["same.tsv", "training has no negatives"]),
+    "run-leakage": ("run --model {model} --pairs {d}/leaky.tsv --out {out}",
+                    ["leaky.tsv", "1 control item(s) overlap the trained set",
+                     "pairs.allow_overlap = true"]),
+    "run-config-fifo": ("run --config {s}/fifo.toml --out {out}",
+                        ["fifo.toml", "not a regular file"]),
+    "run-pairs-fifo": ("run --model {model} --pairs {s}/fifo.tsv --out {out}",
+                       ["fifo.tsv", "not a regular file"]),
+    "run-resume-with-overwrite": ("run --resume {d}/notrun --overwrite",
+                                  ["--resume continues a run and --overwrite replaces it"]),
+    "run-rerun-changed-without-resume": ("run --model {model} --rerun-changed --out {out}",
+                                         ["--rerun-changed goes with --resume DIR"]),
+    "run-device-malformed": ("run --model {model} --set model.device=cuda:abc --out {out}",
+                             ["[model] device must be cpu, cuda, cuda:N or auto, got 'cuda:abc'"]),
     "pairs-check-missing": ("pairs check {d}/nope.tsv", ["nope.tsv", "cannot read"]),
     "pairs-check-unreadable": ("pairs check {d}/dir.tsv", ["dir.tsv", "cannot read"]),
     "pairs-check-not-utf8": ("pairs check {d}/latin1.tsv", ["latin1.tsv", "line 2", "not UTF-8"]),
@@ -245,6 +285,20 @@ BAD_INPUT = {
                                   ["'no-such-model'", "not an embedded name"]),
     "pairs-check-against-missing": ("pairs check {d}/pairs.tsv --against {d}/nope.tsv",
                                     ["nope.tsv", "cannot read"]),
+    "pairs-check-fifo": ("pairs check {s}/fifo.tsv", ["fifo.tsv", "not a regular file"]),
+    "pairs-check-dev-zero": ("pairs check --format tsv /dev/zero",
+                             ["/dev/zero", "not a regular file"]),
+    "pairs-check-too-large": ("pairs check {s}/huge.tsv", ["huge.tsv", "larger than 64 MiB"]),
+    "pairs-check-duplicate-key-json": ("pairs check {d}/dup.json",
+                                       ["dup.json", "record 1", 'field "english" appears twice']),
+    "pairs-check-duplicate-key-jsonl": ("pairs check {d}/dup.jsonl",
+                                        ["dup.jsonl", "line 2", 'field "swahili" appears twice']),
+    "pairs-check-json-object": ("pairs check {d}/obj.json",
+                                ["obj.json", "expected a JSON list of objects, found an object"]),
+    "pairs-split-out-is-a-fifo": ("pairs split {d}/pairs.tsv --out {s}/fifo.tsv",
+                                  ["fifo.tsv", "exists and is not a regular file"]),
+    "pairs-split-seed-negative": ("pairs split {d}/pairs.tsv --seed -1 --out {out}.tsv",
+                                  ["--seed must be an integer >= 0, got -1"]),
     "pairs-split-missing": ("pairs split {d}/nope.tsv --out {out}.tsv",
                             ["nope.tsv", "cannot read"]),
     "pairs-split-bad-json": ("pairs split {d}/bad.json --out {out}.tsv", ["bad.json", "bad JSON"]),
@@ -297,6 +351,8 @@ BAD_INPUT = {
                                  ["adir", "is a directory"]),
     "embed-out-under-a-file": ("embed --model {model} --out {d}/afile/v.safetensors maji",
                                ["afile", "not a directory"]),
+    "embed-out-is-a-fifo": ("embed --model {model} --out {s}/fifo.tsv maji",
+                            ["fifo.tsv", "exists and is not a regular file"]),
     # tli scan
     "scan-pairs-missing": ("scan --model {model} --pairs {d}/nope.tsv --out {out}",
                            ["nope.tsv", "cannot read"]),
@@ -333,6 +389,16 @@ BAD_INPUT = {
     "train-report-to-unknown": ("train --model {model} --pairs {d}/pairs.tsv --layer 2 "
                                 "--report-to neptune --out {out}",
                                 ["--report-to", "invalid choice: 'neptune'"]),
+    "scan-select-on-typo": (
+        "scan --model {model} --pairs {d}/pairs.tsv --select-on contrl --out {out}",
+        ["--select-on", "'contrl' is not one of trained, control"]),
+    "scan-existing-scan": ("scan --model {model} --pairs {d}/split.tsv --out {results}/scan",
+                           ["scan", "already holds a scan (scan.json)", "--overwrite"]),
+    "scan-leakage": ("scan --model {model} --pairs {d}/leaky.tsv --out {out}",
+                     ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "scan-n-boot-huge": (
+        "scan --model {model} --pairs {d}/pairs.tsv --n-boot 10000000 --out {out}",
+        ["n_boot must be <= 1000000"]),
     "train-pairs-missing": ("train --model {model} --pairs {d}/nope.tsv --layer 2 --out {out}",
                             ["nope.tsv", "cannot read"]),
     "train-pairs-unreadable": ("train --model {model} --pairs {d}/dir.tsv --layer 2 --out {out}",
@@ -389,6 +455,21 @@ BAD_INPUT = {
     "train-resume-not-a-training-dir": ("train --resume {d}/adir",
                                         ["adir", "not a training directory"]),
     # tli evaluate
+    "train-no-negatives": ("train --model {model} --layer 2 --pairs {d}/same.tsv --out {out}",
+                           ["same.tsv", "training has no negatives"]),
+    "train-leakage": ("train --model {model} --layer 2 --pairs {d}/leaky.tsv --out {out}",
+                      ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "train-adapt-layers-outside": (
+        "train --model {model} --layer 2 --adapt-layers 9 --out {out}",
+        ["adapt_layers: block 9 is outside 0..3"]),
+    "train-temperature-inf": ("train --model {model} --layer 2 --temperature inf --out {out}",
+                              ["temperature must be a finite number, got inf"]),
+    "train-batch-size-huge": ("train --model {model} --layer 2 --batch-size 1000000000 --out {out}",
+                              ["batch_size must be <= 65536"]),
+    "train-existing-run": ("train --model {model} --layer 2 --out {adapter}/..",
+                           ["already holds a training run", "--resume"]),
+    "train-pairs-fifo": ("train --model {model} --layer 2 --pairs {s}/fifo.tsv --out {out}",
+                         ["fifo.tsv", "not a regular file"]),
     "evaluate-adapter-missing": ("evaluate --adapter {d}/nope --pairs {d}/split.tsv --out {out}",
                                  ["adapter", "nope", "no such directory"]),
     "evaluate-adapter-a-file": ("evaluate --adapter {d}/afile --pairs {d}/split.tsv --out {out}",
@@ -435,13 +516,52 @@ BAD_INPUT = {
     "compare-no-results": ("compare {d}/adir --out {out}",
                            ["adir", "neither a finished run", "nor a finished sweep cell"]),
     # tli plot
+    "evaluate-existing-evaluation": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {results}/eval",
+        ["eval", "already holds an evaluation (evaluation.json)", "--overwrite"]),
+    "evaluate-out-foreign-directory": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --out {d}/notrun --overwrite",
+        ["notrun", "holds no evaluation.json", "or to overwrite it"]),
+    "evaluate-seed-negative": (
+        "evaluate --adapter {adapter} --pairs {d}/split.tsv --seed -1 --out {out}",
+        ["seed must be an integer >= 0, got -1"]),
+    "evaluate-leakage": ("evaluate --adapter {adapter} --pairs {d}/leaky.tsv --out {out}",
+                         ["leaky.tsv", "overlap the trained set", "--allow-overlap"]),
+    "evaluate-adapter-renamed-tensors": (
+        "evaluate --adapter {damaged}/renamed --pairs {d}/split.tsv --out {out}",
+        ["renamed", "tensor base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight "
+         "is missing", "loads completely or not at all"]),
+    "evaluate-adapter-without-lora-b": (
+        "evaluate --adapter {damaged}/no-lora-b --pairs {d}/split.tsv --out {out}",
+        ["tensor base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight is missing"]),
+    "evaluate-adapter-one-layer-missing": (
+        "evaluate --adapter {damaged}/one-layer-missing --pairs {d}/split.tsv --out {out}",
+        ["tensor base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight is missing"]),
+    "evaluate-adapter-rank-mismatch": (
+        "evaluate --adapter {damaged}/rank-mismatch --pairs {d}/split.tsv --out {out}",
+        ["lora_A.weight has shape [16, 32], but its config and the model imply [8, 32]"]),
+    "evaluate-adapter-bad-peft-type": (
+        "evaluate --adapter {damaged}/bad-peft-type --pairs {d}/split.tsv --out {out}",
+        ["adapter_config.json: peft_type 'NOPE' is not supported"]),
+    # tli probe
+    "evaluate-adapter-integer-weights": (
+        "evaluate --adapter {damaged}/integer-weights --pairs {d}/split.tsv --out {out}",
+        ["lora_A.weight holds int64 values; LoRA weights are floating point"]),
+    "probe-out-holds-other-results": (
+        "probe --adapter {adapter} --pairs {d}/split.tsv --out {results}/eval",
+        ["eval", "holds no probe.json (it is not a probe)"]),
+    "probe-adapter-one-layer-missing": (
+        "probe --adapter {damaged}/one-layer-missing --pairs {d}/split.tsv --out {out}",
+        ["layers.1.self_attn.q_proj.lora_A.weight is missing", "probed only in part"]),
+    "probe-n-huge": ("probe --adapter {adapter} --pairs {d}/split.tsv --n 1000000 --out {out}",
+                     ["n must be <= 65536"]),
     "plot-missing": ("plot {d}/nope", ["nope", "no such directory"]),
     "plot-a-file": ("plot {d}/afile", ["afile", "not a directory"]),
     "plot-no-results": ("plot {d}/adir", ["adir", "no results to plot"]),
 }  # fmt: skip
 
 #: The commands as docs/reliability.md names them, by the case ids' first word.
-COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "plot", "compare")
+COMMANDS = ("run", "pairs", "embed", "scan", "train", "evaluate", "probe", "plot", "compare")
 
 
 def _argv(template, **values):
@@ -451,11 +571,12 @@ def _argv(template, **values):
 @pytest.mark.parametrize(("template", "needles"), BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_input_is_one_line_exit_2(
     run_cli, tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter,
-    template, needles,
+    special, damaged, results, template, needles,
 ):  # fmt: skip
     out = tmp_path / "out"
     argv = _argv(template, d=inputs, model=tiny_model_dir, other=other_model_dir, out=out,
-                 adapter=adapter, corrupt=corrupt_adapter)  # fmt: skip
+                 adapter=adapter, corrupt=corrupt_adapter, s=special, damaged=damaged,
+                 results=results)  # fmt: skip
     before = sorted(p.name for p in inputs.iterdir())
     code, _, err = run_cli(*argv)
     assert_user_error(code, err, *needles)
@@ -581,14 +702,21 @@ REAL_STDERR = [
     "evaluate-adapter-other-model",
     "pairs-check-bad-json",
     "plot-no-results",
+    "run-target-modules-unknown",
+    "run-no-negatives",
+    "evaluate-adapter-one-layer-missing",
+    "evaluate-adapter-rank-mismatch",
+    "probe-adapter-one-layer-missing",
+    "train-no-negatives",
 ]
 
 
 def test_real_stderr_holds_only_the_error_line(
-    tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter
-):
+    tmp_path, inputs, tiny_model_dir, other_model_dir, adapter, corrupt_adapter, special,
+    damaged, results,
+):  # fmt: skip
     values = dict(d=inputs, model=tiny_model_dir, other=other_model_dir, adapter=adapter,
-                  corrupt=corrupt_adapter)  # fmt: skip
+                  corrupt=corrupt_adapter, s=special, damaged=damaged, results=results)  # fmt: skip
     cases = [_argv(BAD_INPUT[c][0], out=tmp_path / f"out{i}", **values)
              for i, c in enumerate(REAL_STDERR)]  # fmt: skip
     proc = subprocess.run(
@@ -741,7 +869,9 @@ def test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model(
 
 def test_docs_reliability_md_is_current():
     """Every test docs/reliability.md names exists; every bad-input case is listed there."""
-    from test_plots import DAMAGED_RESULTS
+    from test_lock import WRITERS
+    from test_pipeline import LATE_ERRORS
+    from test_plots import DAMAGED_RESULTS, FIFO_RESULTS
 
     doc = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8")
     sources = {p.name: p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("test_*.py")}
@@ -750,6 +880,10 @@ def test_docs_reliability_md_is_current():
         "test_out_directory_not_writable": UNWRITABLE,
         "test_plot_of_damaged_results": DAMAGED_RESULTS,
         "test_fuzz_cli_arguments_give_exit_0_or_2_or_reach_the_model": FUZZED,
+        "test_a_full_disk_during_a_command_is_one_line_exit_2": ("train", "run"),
+        "test_every_command_that_writes_a_directory_holds_a_lock": WRITERS,
+        "test_overwrite_with_an_error_found_late_keeps_the_complete_run": LATE_ERRORS,
+        "test_plot_never_reads_a_fifo": FIFO_RESULTS,
     }
     reference = r"(?:tests/(test_\w+\.py)::)?(?<![/\w])(test_\w+)\b(?!\.py)(\[[^\]`]+\])?"
     named = re.findall(reference, doc)
@@ -776,3 +910,92 @@ def test_docs_config_md_is_current():
         "print(config_reference(), end=\"\")' "
         "> docs/config.md"
     )
+
+
+# --- stdout and stderr: pipes, full disks, third-party notices ---------------------------------
+
+
+def test_a_closed_pipe_on_stdout_ends_quietly(inputs):
+    """`tli pairs check FILE | head -3` ended with a BrokenPipeError traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tli", "pairs", "check", str(inputs / "pairs.tsv")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env(),
+    )  # fmt: skip
+    proc.stdout.close()  # the reader is gone before tli writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_a_full_stdout_is_one_line(inputs):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tli", "pairs", "check", str(inputs / "pairs.tsv")],
+            stdout=full, stderr=subprocess.PIPE, text=True, env=python_env(), timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "tli: error: stdout: cannot write: No space left on device\n"
+
+
+#: Runs `tli ARGV` on a machine whose CPU reports AVX512-BF16: bitsandbytes then logs
+#: "Failed to load CPU gemm_4bit_forward from kernels-community" on import (peft imports it).
+AVX512_BF16 = r"""
+import importlib.abc, importlib.util, sys
+
+class Patch(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name != "bitsandbytes.cextension":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        self.real, spec.loader = spec.loader, self
+        return spec
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):
+        self.real.exec_module(module)
+
+        class Lib:
+            def __init__(self, lib):
+                self._lib = lib
+
+            def __getattr__(self, name):
+                return getattr(self._lib, name)
+
+            def has_avx512bf16_cpu(self):
+                return True
+
+        module.lib = Lib(module.lib)
+
+sys.meta_path.insert(0, Patch())
+from tli.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
+                    reason="bitsandbytes is not installed")  # fmt: skip
+def test_third_party_notices_become_tli_debug_lines(tmp_path, tiny_model_dir, inputs):
+    """bitsandbytes' import notice reached stderr in every model-loading command; now every
+    stderr line is tli's own, and the notice is a `tli: debug:` line under `tli -v`."""
+    argv = ["train", "--model", str(tiny_model_dir), "--pairs", str(inputs / "pairs.tsv"),
+            "--layer", "2", "--epochs", "1"]  # fmt: skip
+    for verbose in ([], ["-v"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", AVX512_BF16, *verbose, *argv, "--out",
+             str(tmp_path / f"t{len(verbose)}")],
+            capture_output=True, text=True, env=python_env(), timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert all(line.startswith("tli: ") for line in lines), proc.stderr
+        notice = [line for line in lines if "gemm_4bit_forward" in line]
+        if verbose:
+            assert len(notice) == 1 and notice[0].startswith("tli: debug: bitsandbytes")
+            assert "Failed to load CPU gemm_4bit_forward" in notice[0]
+        else:
+            assert notice == []

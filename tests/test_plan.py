@@ -123,7 +123,8 @@ def test_evaluate_plan_uses_the_adapters_base(capsys, tiny_dir, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text(
-        json.dumps({"base_model_name_or_path": str(tiny_dir), "peft_type": "LORA"})
+        json.dumps({"base_model_name_or_path": str(tiny_dir), "peft_type": "LORA", "r": 2,
+                    "lora_alpha": 4, "target_modules": ["q_proj"]})
     )
     import torch
     from safetensors.torch import save_file

@@ -125,3 +125,29 @@ def test_training_figure_from_the_training_log_alone(tmp_path, run_cli):
     with pytest.raises(Exception, match=r"train_log\.csv: not a tli result or damaged"):
         plot_training(train, tmp_path / "u.png")
     assert not (tmp_path / "u.png").exists()
+#: Results files replaced by a FIFO in `test_plot_never_reads_a_fifo`.
+FIFO_RESULTS = ("config.toml", "scan/scan.json", "eval/evaluation.json", "eval/pairs.csv")
+
+
+@pytest.mark.parametrize("name", FIFO_RESULTS)
+def test_plot_never_reads_a_fifo(tmp_path, results, name):
+    """Reading a FIFO blocks until a writer comes. tli reads only regular files: a FIFO in
+    place of a results file counts as absent (exit 0, what is there is drawn) or is named in
+    one line; the command never hangs."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import python_env
+
+    run = tmp_path / "run"
+    shutil.copytree(results, run)
+    (run / name).unlink()
+    os.mkfifo(run / name)
+    proc = subprocess.run([sys.executable, "-m", "tli", "plot", str(run)], capture_output=True,
+                          text=True, env=python_env(), timeout=300)  # fmt: skip
+    if proc.returncode == 0:
+        assert all(line.startswith("tli: ") for line in proc.stderr.splitlines()), proc.stderr
+    else:
+        assert_user_error(proc.returncode, proc.stderr, name.split("/")[-1],
+                          "not a regular file")

@@ -292,14 +292,16 @@ def test_choice_is_made_on_the_select_on_set():
         == 0
     )
     missing = build_result(
-        ScanConfig(select_on="dev"),
+        on_control,
         model="m",
         num_layers=2,
         layers=[0, 1, 2],
-        sets=sets,
-        n_pairs={"trained": 8, "control": 4},
+        sets={"trained": sets["trained"]},
+        n_pairs={"trained": 8},
     )
-    assert missing.select_set == "trained" and "no set 'dev'" in missing.notes[0]
+    assert missing.select_set == "trained" and "no set 'control'" in missing.notes[0]
+    with pytest.raises(TLIError, match="select_on must be one of trained, control, got 'contrl'"):
+        ScanConfig(select_on="contrl")  # a typo is refused, never a silent fallback
 
 
 def test_anisotropic_choice_warns(caplog, tmp_path):

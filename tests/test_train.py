@@ -418,6 +418,107 @@ def test_running_centre_resumes_exactly(tiny_model_dir, tmp_path):
     assert_same_adapter(adapter(tmp_path / "a" / "final"), adapter(tmp_path / "b" / "final"), 0)
 
 
+
+# --- damaged checkpoints ----------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def _killed_at_5(tiny_model_dir, out):
+    """A training (save_every 2, 3 steps an epoch) killed at step 5: checkpoints step-3 (the
+    end of epoch 1) and step-4 on disk."""
+    cfg = TrainConfig(layer=2, epochs=2, batch_size=4, warmup_steps=2, lr=5e-3, save_every=2)
+
+    def kill_at_5(step):
+        if step == 5:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(load_model(ModelConfig(str(tiny_model_dir)), max_layer=2), PAIRS, cfg, out,
+              on_step=kill_at_5, progress=False)  # fmt: skip
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_model_dir, tmp_path_factory):
+    """The uninterrupted training the resumed ones are compared with."""
+    out = tmp_path_factory.mktemp("straight") / "a"
+    cfg = TrainConfig(layer=2, epochs=2, batch_size=4, warmup_steps=2, lr=5e-3, save_every=2)
+    train(load_model(ModelConfig(str(tiny_model_dir)), max_layer=2), PAIRS, cfg, out,
+          progress=False)  # fmt: skip
+    return out
+
+
+def _resume(tiny_model_dir, out, cfg):
+    return train(load_model(ModelConfig(str(tiny_model_dir)), max_layer=2), PAIRS, cfg, out,
+                 resume=True, progress=False)  # fmt: skip
+
+
+def test_the_previous_checkpoint_is_kept(tiny_model_dir, tmp_path):
+    _killed_at_5(tiny_model_dir, tmp_path / "b")
+    names = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert names == ["latest", "step-3", "step-4"]
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_one_before(
+    tiny_model_dir, tmp_path, straight_run, caplog
+):
+    """state.pt cut to 1 KB: the resume warns, naming the file, and continues from the
+    checkpoint before it, to the same adapter as an uninterrupted training."""
+    out = tmp_path / "b"
+    cfg = _killed_at_5(tiny_model_dir, out)
+    state = out / "checkpoints" / "step-4" / "state.pt"
+    state.write_bytes(state.read_bytes()[:1024])
+    with caplog.at_level("WARNING", logger="tli"):
+        _resume(tiny_model_dir, out, cfg)
+    assert f"{state}: damaged checkpoint" in caplog.text and "from step-3 instead" in caplog.text
+    assert_same_adapter(adapter(straight_run / "final"), adapter(out / "final"), 0)
+    assert (straight_run / "train_log.csv").read_text() == (out / "train_log.csv").read_text()
+
+
+def test_a_malicious_checkpoint_is_refused_without_running_it(run_cli, tiny_model_dir, tmp_path):
+    """state.pt holding a pickle that would run a command: weights_only refuses it; with no
+    intact checkpoint left, the resume is one line naming the file."""
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    out = tmp_path / "b"
+    _killed_at_5(tiny_model_dir, out)
+    torch.save({"step": Evil()}, out / "checkpoints" / "step-4" / "state.pt")
+    (out / "checkpoints" / "step-3" / "state.pt").write_bytes(b"")
+    code, _, err = run_cli("train", "--resume", out)
+    assert_user_error(code, err, f"{out}/checkpoints/step-4/state.pt: damaged checkpoint",
+                      "holds objects other than tensors", "1 older checkpoint(s) are damaged")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_latest_naming_a_missing_checkpoint_resumes_from_the_newest(
+    tiny_model_dir, tmp_path, straight_run, caplog
+):
+    out = tmp_path / "b"
+    cfg = _killed_at_5(tiny_model_dir, out)
+    (out / "checkpoints" / "latest").write_text("step-99\n")
+    with caplog.at_level("WARNING", logger="tli"):
+        result = _resume(tiny_model_dir, out, cfg)
+    assert "names 'step-99', which is missing" in caplog.text
+    assert result.steps == 6
+    assert_same_adapter(adapter(straight_run / "final"), adapter(out / "final"), 0)
+
+
+def test_check_pairs_refuses_a_list_without_negatives():
+    from tli.train import check_pairs
+
+    with pytest.raises(TLIError, match="f.tsv: training needs at least 2 pairs, got 1"):
+        check_pairs([Pair("a", "x")], "f.tsv")
+    with pytest.raises(TLIError, match="f.tsv: .*training has no negatives"):
+        check_pairs([Pair("a", "x"), Pair("b", "x"), Pair("c", "x")], "f.tsv")
+    check_pairs([Pair("a", "x"), Pair("b", "y")])
+
 # --- tli train: bad input ---------------------------------------------------------------------
 
 
@@ -525,3 +626,63 @@ def test_adapters_carry_a_model_card_for_every_epoch(tiny_model_dir, tmp_path):
     meta = json.loads((tmp_path / "run" / "final" / "tli_adapter.json").read_text())
     assert meta["languages"] == ["Swahili", "English"] and meta["train"]["lr"] == FAST["lr"]
     assert meta["training_pairs"]["n"] == len(PAIRS)
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--target-modules", "nope"], "target_modules nope: cannot add adapters"),
+        (["--adapt-layers", "3"], "adapt_layers: block 3 is at or above the deepest loss layer"),
+        (["--pairs", "{d}/same.tsv"], "training has no negatives"),
+        (["--prefix-cache", "on"], "prefix_cache = on needs adapters only on blocks >= K > 0"),
+        (["--device", "cuda:0"], "CUDA is not available"),
+    ],
+)
+def test_train_checks_everything_before_loading_the_model(
+    run_cli, monkeypatch, tiny_model_dir, inputs, tmp_path, extra, needle
+):
+    import tli.models
+
+    if torch.cuda.is_available() and "cuda" in needle.lower():
+        pytest.skip("this machine has CUDA")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before every check")
+
+    monkeypatch.setattr(tli.models, "load_model", never)
+    extra = [e.format(d=inputs) for e in extra]
+    code, _, err = run_cli("train", "--model", tiny_model_dir, "--pairs", inputs / "pairs.tsv",
+                           "--layer", "2", *extra, "--out", tmp_path / "t")  # fmt: skip
+    assert_user_error(code, err, needle)
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_second_train_into_a_live_training_directory_refuses(run_cli, tiny_model_dir, tmp_path):
+    """The lock of `tli train`, and of a run whose train/ it would write into."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run" / "train"
+    _killed_at_5(tiny_model_dir, out)
+    (out / "train_config.json").write_text(json.dumps(
+        {**json.loads((out / "train_config.json").read_text()),
+         "model": {"name": str(tiny_model_dir)}}))  # fmt: skip
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": sleeper.pid, "host": socket.gethostname(), "command": "train"}
+        (out / "run.lock").write_text(json.dumps(holder))
+        before = sorted(p.name for p in (out / "checkpoints").iterdir())
+        code, _, err = run_cli("train", "--resume", out)
+        assert_user_error(code, err, f"another tli train (pid {sleeper.pid}) is using this")
+        (out / "run.lock").unlink()
+        (out.parent / "run.lock").write_text(json.dumps({**holder, "command": "run"}))
+        code, _, err = run_cli("train", "--resume", out)
+        assert_user_error(code, err, f"{out.parent}: another tli run (pid {sleeper.pid})")
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    code, _, err = run_cli("train", "--resume", out)  # the holder is gone: a stale lock
+    assert code == 0, err
+    assert not (out / "run.lock").exists() and (out / "final").is_dir()
+    assert os.path.exists(out.parent / "run.lock")  # someone else's stale lock: left alone

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -93,14 +93,27 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
     """
     path = Path(path)
     ensure_dir(path.parent)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes 0700; the adapter is an ordinary folder
+    from safetensors import SafetensorError
+
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    except OSError as err:
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
     try:
         # save_embedding_layers=False: the adapter never touches embeddings, and peft would
         # otherwise look the base model up on the hub to decide.
-        model.save_pretrained(tmp, save_embedding_layers=False)
-        atomic_write_json(tmp / ADAPTER_META, meta)
-        write_card(tmp, meta=meta)  # replaces peft's template
+        try:
+            model.save_pretrained(tmp, save_embedding_layers=False)
+            atomic_write_json(tmp / ADAPTER_META, meta)
+            write_card(tmp, meta=meta)  # replaces peft's template
+        except (OSError, SafetensorError, TLIError) as err:  # e.g. no space left on the device
+            raise TLIError(f"{path}: cannot write: {_write_problem(err)}") from None
+        # mkdtemp makes 0700 and safetensors writes 0600; the adapter is an ordinary folder
+        # with ordinary files, like everything else tli writes.
+        mask = current_umask()
+        tmp.chmod(0o777 & ~mask)
+        for child in tmp.rglob("*"):
+            child.chmod((0o777 if child.is_dir() else 0o666) & ~mask)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -109,10 +122,25 @@ def save_adapter(model: Any, path: Path, meta: dict[str, Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TLIError(f"{path}: cannot write: {err.strerror or err}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
+
+def _write_problem(err: BaseException) -> str:
+    """The OS's words for a failed write (safetensors wraps them as ``(os error N)``)."""
+    import re
+
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = first_line(err)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return os.strerror(int(found.group(1)))
+    return text.rpartition("cannot write: ")[2]
 
 
 @dataclass
@@ -124,12 +152,14 @@ class AdapterInfo:
         config: The parsed ``adapter_config.json``.
         meta: The parsed ``tli_adapter.json`` ({} for an adapter not trained by tli).
         shapes: Weight name (prefix ``base_model.model.`` removed) -> shape.
+        raw_shapes: Weight name as saved -> shape.
     """
 
     dir: Path
     config: dict[str, Any]
     meta: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
+    raw_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:
@@ -195,6 +225,7 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
                 "adapter is never evaluated as the base model)"
             )
     config = read_json(path / ADAPTER_CONFIG)
+    _check_lora_config(config, path / ADAPTER_CONFIG)
     meta = read_json(path / ADAPTER_META) if (path / ADAPTER_META).is_file() else {}
     try:
         weights = load_file(path / ADAPTER_WEIGHTS)
@@ -206,10 +237,97 @@ def read_adapter(path: str | os.PathLike[str]) -> AdapterInfo:
     if not weights:
         raise TLIError(f"adapter {path}: {ADAPTER_WEIGHTS} holds no weights")
     for name, tensor in weights.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point():
+            raise TLIError(
+                f"adapter {path}: weight {name} holds {str(tensor.dtype).removeprefix('torch.')} "
+                "values; LoRA weights are floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
             raise TLIError(f"adapter {path}: weight {name} holds NaN or infinity")
-    shapes = {name.removeprefix(_PEFT_PREFIX): tuple(t.shape) for name, t in weights.items()}
-    return AdapterInfo(path, config, meta, shapes)
+    raw = {name: tuple(t.shape) for name, t in weights.items()}
+    shapes = {name.removeprefix(_PEFT_PREFIX): shape for name, shape in raw.items()}
+    return AdapterInfo(path, config, meta, shapes, raw)
+
+
+def _check_lora_config(config: dict[str, Any], where: Path) -> None:
+    """The fields of ``adapter_config.json`` that tli relies on, checked with a clear message."""
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise TLIError(
+            f"{where}: peft_type {kind!r} is not supported; tli reads LoRA adapters "
+            '(peft_type "LORA")'
+        )
+    r = config.get("r")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise TLIError(f"{where}: r must be a positive integer (the LoRA rank), got {r!r}")
+    alpha = config.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha == alpha:
+        raise TLIError(f"{where}: lora_alpha must be a number, got {alpha!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) and targets) and not (
+        isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)
+    ):
+        raise TLIError(
+            f"{where}: target_modules must be a module name or a list of them, got {targets!r}"
+        )
+
+
+def missing_or_misshapen(
+    expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
+) -> str | None:
+    """The first tensor an adapter's config implies that ``found`` lacks or holds misshapen.
+
+    Args:
+        expected: What peft's ``get_peft_model_state_dict`` gives for the injected adapter
+            (names as saved, shapes as the config and the model imply).
+        found: The tensors of the adapter's weights file.
+
+    Returns:
+        A description of the first problem (in the model's order), or None.
+    """
+    for name, tensor in expected.items():
+        if name not in found:
+            return f"tensor {name} is missing"
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            return (
+                f"tensor {name} has shape {list(found[name].shape)}, but its config and the "
+                f"model imply {list(tensor.shape)}"
+            )
+    extra = [name for name in found if name not in expected]
+    if extra:
+        return f"{len(extra)} tensor(s) (e.g. {extra[0]}) are not used by its {ADAPTER_CONFIG}"
+    return None
+
+
+def check_tensors(info: AdapterInfo, structure: Any, use: str = "evaluated") -> None:
+    """Check, before any weight is loaded, that every tensor the adapter's config implies is there.
+
+    peft injects the adapter's config into ``structure`` (a throwaway
+    :func:`tli.models.meta_model`: it is modified) and lists the tensors that config implies;
+    the weights file must hold exactly those, with those shapes.
+
+    Raises:
+        TLIError: Naming the first missing or misshapen tensor, or one the config does not use.
+    """
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    where = f"adapter {info.dir}"
+    with quiet_peft():
+        try:
+            config = LoraConfig.from_pretrained(str(info.dir))
+            injected = get_peft_model(structure.model, config)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise TLIError(
+                f"{where}: cannot be applied to {structure.name!r}: {first_line(err)}"
+            ) from None
+    expected = get_peft_model_state_dict(injected)
+    found = {name: torch.empty(shape, device="meta") for name, shape in info.raw_shapes.items()}
+    problem = missing_or_misshapen(expected, found)
+    if problem:
+        raise TLIError(
+            f"{where}: {problem}; the adapter would be {use} only in part (it loads completely "
+            "or not at all)"
+        )
 
 
 def same_model(recorded: str, loaded: Any) -> bool:
@@ -332,31 +450,56 @@ def _load_onto(loaded: Any, info: AdapterInfo, use: str) -> Any:
         TLIError: peft cannot load the adapter, or it holds weights for modules its own config
             does not inject (it would be ``use``d only in part).
     """
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
 
     with quiet_peft(record=True) as caught:
         try:
-            peft_model = PeftModel.from_pretrained(loaded.model, str(info.dir), is_trainable=False)
-        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
+            # Mismatched shapes are left unloaded (not an exception) and reported below,
+            # naming the tensor, with every other missing tensor.
+            peft_model = PeftModel.from_pretrained(
+                loaded.model, str(info.dir), is_trainable=False, ignore_mismatched_sizes=True
+            )
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError, AttributeError) as err:
+            _remove_adapters(loaded.model)
             raise TLIError(
                 f"adapter {info.dir}: cannot be loaded onto {loaded.name!r}: {first_line(err)}"
             ) from None
-    for w in caught:
-        if "adapter" in str(w.message).lower() or "key" in str(w.message).lower():
-            log.warning("peft: %s", first_line(str(w.message)))
+    for w in caught:  # what peft found is checked below, completely; the rest is noise
+        log.debug("peft: %s", first_line(str(w.message)))
     injected = {
         name
         for name, module in peft_model.get_base_model().named_modules()
         if "default" in getattr(module, "lora_A", {})
     }
     unused = sorted(set(info.modules) - injected)
+    problem = None
     if unused:
+        problem = (
+            f"weights for {len(unused)} module(s) (e.g. {unused[0]}) are not used by its "
+            f"{ADAPTER_CONFIG}"
+        )
+    else:
+        expected = get_peft_model_state_dict(peft_model)
+        problem = missing_or_misshapen(expected, load_file(info.dir / ADAPTER_WEIGHTS))
+    if problem:
         peft_model.unload()
         raise TLIError(
-            f"adapter {info.dir}: weights for {len(unused)} module(s) (e.g. {unused[0]}) are not "
-            f"used by its {ADAPTER_CONFIG}; the adapter would be {use} only in part"
+            f"adapter {info.dir}: {problem}; the adapter would be {use} only in part (it loads "
+            "completely or not at all)"
         )
     return peft_model
+
+
+def _remove_adapters(model: Any) -> None:
+    """Undo a half-finished injection: put every LoRA layer's base layer back in place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and name:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
 
 
 class Merged:

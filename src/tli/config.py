@@ -219,22 +219,42 @@ def check_range(
     *,
     lo_open: bool = False,
 ) -> None:
-    """Raise TLIError naming ``name`` when ``value`` is outside [lo, hi] (or (lo, hi])."""
+    """Raise TLIError naming ``name`` when ``value`` is outside [lo, hi] (or (lo, hi]).
+
+    NaN and infinity are never in range: every numeric option of tli is finite.
+    """
     if value is None:
         return
     if isinstance(value, float) and value != value:
         raise TLIError(f"{name} must be a number, got nan")
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        raise TLIError(f"{name} must be a finite number, got {value}")
     if lo is not None and (value <= lo if lo_open else value < lo):
         raise TLIError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {value}")
     if hi is not None and value > hi:
         raise TLIError(f"{name} must be <= {hi}, got {value}")
 
 
-def check_int(name: str, value: Any, low: int | None = None) -> None:
-    """Raise TLIError unless ``value`` is an integer (not a bool), at least ``low`` if given."""
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> None:
+    """Raise TLIError unless ``value`` is an integer (not a bool) in [low, high] (where given)."""
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
         bound = f" >= {low}" if low is not None else ""
         raise TLIError(f"{name} must be an integer{bound}, got {value!r}")
+    if high is not None and value > high:
+        raise TLIError(f"{name} must be <= {high}, got {value!r}")
+
+
+#: Upper bounds shared by every config: no real setting comes near them, and a value above one
+#: is a typo that would otherwise exhaust memory or time (``batch_size = 10^9``).
+MAX_BATCH = 65536
+MAX_SEED = 2**32 - 1
+MAX_RESAMPLES = 1_000_000
+MAX_STEPS = 10_000_000
+
+
+def check_seed(name: str, value: Any) -> None:
+    """Raise TLIError unless ``value`` is a seed: an integer in 0..2^32-1 (numpy's range)."""
+    check_int(name, value, 0, MAX_SEED)
 
 
 def check_unit(name: str, value: Any) -> None:
@@ -265,7 +285,7 @@ def read_toml(path: Path | str) -> dict[str, Any]:
     """A TOML file as a dict; a TLIError naming the file (and line) when it is bad."""
     from tli.io import read_text
 
-    text = read_text(path)
+    text = read_text(path).removeprefix("\ufeff")  # a byte-order mark, as some editors write
     try:
         return toml_loads(text)
     except Exception as err:  # tomllib.TOMLDecodeError
@@ -278,15 +298,13 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key:
+        parts = [part.strip() for part in key.split(".")]
+        if not sep or not key or len(parts) > 2 or not all(parts):
             raise TLIError(f"--set {item!r}: expected section.key=value")
         try:
             value = toml_loads(f"v = {raw}")["v"]
         except Exception:
             value = raw  # a bare string
-        parts = key.split(".")
-        if len(parts) > 2:
-            raise TLIError(f"--set {item!r}: expected section.key=value")
         if len(parts) == 1:
             out[parts[0]] = value
         elif not isinstance(out.setdefault(parts[0], {}), dict):

@@ -52,7 +52,15 @@ from tli.adapters import (
     quantization_note,
     read_adapter,
 )
-from tli.config import check_int, check_one_of, check_range, check_unit
+from tli.config import (
+    MAX_BATCH,
+    MAX_RESAMPLES,
+    check_int,
+    check_one_of,
+    check_range,
+    check_seed,
+    check_unit,
+)
 from tli.embed import POOLINGS, Embedding, Pooling
 from tli.errors import TLIError, first_line
 from tli.io import nan_from_null
@@ -165,18 +173,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_one_of("pooling", self.pooling, POOLINGS)
-        for name, low in (
-            ("batch_size", 1),
-            ("n_boot", 1),
-            ("csls_k", 1),
-            ("n_examples", 0),
-            ("perplexity_batch_size", 1),
-        ):
-            check_int(name, getattr(self, name), low)
-        check_int("seed", self.seed)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("n_boot", self.n_boot, 1, MAX_RESAMPLES)
+        check_int("csls_k", self.csls_k, 1, MAX_BATCH)
+        check_int("n_examples", self.n_examples, 0, MAX_BATCH)
+        check_seed("seed", self.seed)
+        check_int("perplexity_batch_size", self.perplexity_batch_size, 1, MAX_BATCH)
         check_unit("level", self.level)
         check_unit("alpha", self.alpha)
-        check_range("collapse_ratio", self.collapse_ratio, 0.0, lo_open=True)
+        check_range("collapse_ratio", self.collapse_ratio, 0.0, 100.0, lo_open=True)
         check_range("min_effect", self.min_effect, 0.0, 1.0)
         check_one_of("verdict_retrieval", self.verdict_retrieval, RETRIEVALS)
         if not isinstance(self.perplexity, bool):
@@ -542,10 +547,16 @@ class EvalResult:
         """Read an evaluation back from its directory (``evaluation.json`` and ``pairs.csv``)."""
         path = Path(directory)
         reading = path / JSON_NAME
+        from tli.io import read_text
+
         try:
-            data = json.loads(reading.read_text(encoding="utf-8"))
+            if not reading.exists():
+                raise FileNotFoundError
+            data = json.loads(read_text(reading))  # regular files only: a FIFO would block
             reading = path / CSV_NAME
-            rows = list(csv.DictReader(io.StringIO(reading.read_text(encoding="utf-8"))))
+            if not reading.exists():
+                raise FileNotFoundError
+            rows = list(csv.DictReader(io.StringIO(read_text(reading))))
         except FileNotFoundError:
             raise TLIError(f"{path}: {reading.name} is missing (not an evaluation?)") from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, csv.Error) as err:

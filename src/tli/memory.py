@@ -56,7 +56,7 @@ class Footprint:
     name: str
     model_type: str
     num_layers: int  # N, blocks of the full model
-    hidden_size: int  # D
+    width: int  # D, the hidden size
     vocab_size: int  # V
     depth: int  # blocks built
     lm_head: bool
@@ -191,7 +191,7 @@ def footprint(
         name=name,
         model_type=str(config.model_type),
         num_layers=n,
-        hidden_size=int(emb.weight.shape[1]),
+        width=int(emb.weight.shape[1]),
         vocab_size=int(emb.weight.shape[0]),
         depth=len(stack),
         lm_head=head,
@@ -318,7 +318,7 @@ def render_plan(stages: list[Stage], device: str) -> tuple[str, str | None]:
     head = "tied to the embeddings" if big.tied else "untied"
     lines = [
         f"plan for {big.name} ({big.model_type}): {big.num_layers} blocks, hidden size "
-        f"{big.hidden_size:,}, vocabulary {big.vocab_size:,}, LM head {head}",
+        f"{big.width:,}, vocabulary {big.vocab_size:,}, LM head {head}",
         f"weights: {big.weights_in_words()}",
         "",
         f"  {'part':<14}{'parameters':>12}{'memory':>11}",

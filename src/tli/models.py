@@ -29,6 +29,7 @@ import torch
 
 from tli import surgery
 from tli.config import check_one_of
+from tli.console import adopt_transformers_logging, bars_on_terminal
 from tli.errors import TLIError, first_line
 from tli.io import expand_user
 
@@ -135,7 +136,9 @@ class ModelConfig:
         if not self.load_in_4bit and (self.double_quant or self.compute_dtype != "bfloat16"):
             what = "double_quant" if self.double_quant else f"compute_dtype {self.compute_dtype}"
             raise TLIError(f"{what} applies to 4-bit weights only: set load_in_4bit too")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+        index = self.device.removeprefix("cuda:")
+        cuda_n = index != self.device and index.isdigit()
+        if not (self.device in ("cpu", "cuda", "auto") or cuda_n):
             raise TLIError(f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if not str(self.name).strip():
             raise TLIError("model name is empty")
@@ -204,7 +207,14 @@ def gguf_to_cache(name: str) -> Path:
         return target
     _require_gguf_package()
     target.parent.mkdir(parents=True, exist_ok=True)
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    adopt_transformers_logging()
+    hf_logging.disable_progress_bar()  # "Writing model shards": tli reports its own progress
+    # transformers draws its de-quantisation bar with tqdm directly: only on a terminal.
+    gguf_utils.tqdm = bars_on_terminal(tqdm_class=_plain_tqdm(gguf_utils.tqdm))
 
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".tmp-") as tmp:
         tmp_path = Path(tmp)
@@ -353,6 +363,9 @@ def _gguf_license(path: Path) -> str | None:
     except Exception as err:  # an unreadable header: the conversion reports real problems
         log.debug("%s: no license in the GGUF metadata (%s)", path, first_line(err))
         return None
+def _plain_tqdm(tqdm_class: Any) -> Any:
+    """The tqdm class behind ``bars_on_terminal`` wrappers (so repeated calls do not nest)."""
+    return getattr(tqdm_class, "func", tqdm_class)
 
 
 def resolve(name: str) -> str:
@@ -382,6 +395,7 @@ def load_tokenizer(name: str, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of ``name``, with a pad token (eos when it has none, as for Llama-3)."""
     from transformers import AutoTokenizer
 
+    adopt_transformers_logging()
     path = resolve(name)
     cache_entry = (Path(path) / SOURCE_RECORD).is_file()
     tok = _cached_tokenizer(Path(path)) if cache_entry else None
@@ -536,6 +550,7 @@ def load_config(name: str, *, trust_remote_code: bool = False) -> tuple[str, Any
     """The resolved path (see :func:`resolve`) and the transformers config of ``name``."""
     from transformers import AutoConfig
 
+    adopt_transformers_logging()
     path = resolve(name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -572,6 +587,46 @@ def config_only(name: str, *, trust_remote_code: bool = False) -> Any:
             raise TLIError(f"model {name!r}: cannot read its config: {first_line(err)}") from None
     surgery.layout(config)
     return config
+def check_loadable(cfg: ModelConfig) -> None:
+    """Refuse, before any weight is read, what :func:`load_model` would refuse: device, 4-bit."""
+    _quantization(cfg)
+    _device_args(cfg.device)
+
+
+def meta_model(cfg: ModelConfig, *, max_layer: int | None = None) -> LoadedModel:
+    """The model's structure without its weights: every module, on the meta device.
+
+    Built from the model's config alone (accelerate's ``init_empty_weights``), in a fraction
+    of a second and without memory for weights, so that what depends on the modules (target
+    modules, an adapter's tensors) is checked before the model is loaded. Its ``tokenizer`` is
+    None.
+
+    Args:
+        cfg: The model.
+        max_layer: Build blocks ``0..max_layer-1`` only, as :func:`load_model` would.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    path, config = load_config(cfg.name, trust_remote_code=cfg.trust_remote_code)
+    n = surgery.num_layers(config)
+    if max_layer is not None and max_layer < n:
+        config = surgery.truncate_config(config, max(max_layer, 1))
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=cfg.trust_remote_code
+            )
+    except (OSError, ValueError) as err:
+        raise TLIError(f"model {cfg.name!r}: cannot build it: {first_line(err)}") from None
+    return LoadedModel(
+        model=model,
+        tokenizer=None,
+        name=cfg.name,
+        path=path,
+        num_layers=n,
+        max_layer=max_layer if max_layer is not None and max_layer < n else None,
+    )
 
 
 def load_model(

@@ -227,9 +227,30 @@ def _to_pair(
     )
 
 
+class _Record(dict):
+    """A JSON object as read, with the first key it repeats (None when it repeats none)."""
+
+    repeated: str | None = None
+
+
+def _record(items: list[tuple[str, Any]]) -> _Record:
+    """``object_pairs_hook``: Python's json would keep the last of two equal keys silently."""
+    rec = _Record()
+    for key, value in items:
+        if key in rec and rec.repeated is None:
+            rec.repeated = key
+        rec[key] = value
+    return rec
+
+
+def _no_repeats(rec: Any, name: str, where: str) -> None:
+    if isinstance(rec, _Record) and rec.repeated is not None:
+        raise _bad(name, where, f'field "{rec.repeated}" appears twice; keep one of them')
+
+
 def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_record)
     except json.JSONDecodeError as err:
         raise _bad(
             name, None, f"bad JSON at line {err.lineno}, column {err.colno}: {err.msg}"
@@ -237,8 +258,10 @@ def _json_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
     except (ValueError, RecursionError) as err:
         raise _bad(name, None, f"bad JSON: {err}") from None
     if not isinstance(data, list):
-        raise _bad(name, None, f"expected a JSON list of objects, found {type(data).__name__}")
+        kind = "an object" if isinstance(data, dict) else type(data).__name__
+        raise _bad(name, None, f"expected a JSON list of objects, found {kind}")
     for i, rec in enumerate(data, start=1):
+        _no_repeats(rec, name, f"record {i}")
         yield f"record {i}", rec
 
 
@@ -247,11 +270,12 @@ def _jsonl_records(text: str, name: str) -> Iterator[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_record)
         except json.JSONDecodeError as err:
             raise _bad(name, f"line {i}", f"bad JSON at column {err.colno}: {err.msg}") from None
         except (ValueError, RecursionError) as err:
             raise _bad(name, f"line {i}", f"bad JSON: {err}") from None
+        _no_repeats(rec, name, f"line {i}")
         yield f"line {i}", rec
 
 
@@ -413,12 +437,11 @@ def read_pairs(
             has an empty field, a row with the wrong number of columns (a MUSE line of other
             than two fields), or no pairs.
     """
+    from tli.io import read_bytes
+
     path = Path(path)
     fmt = detect_format(path, fmt)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise TLIError(f"{path}: cannot read: {err.strerror or err}") from None
+    data = read_bytes(path)
     return parse_pairs(data, str(path), fmt, src_key=src_key, tgt_key=tgt_key, keys=keys)
 
 
@@ -475,7 +498,7 @@ def _cells(p: Pair) -> tuple[str, ...]:
     )
 
 
-def _record(p: Pair, src_key: str, tgt_key: str) -> dict[str, Any]:
+def _json_record(p: Pair, src_key: str, tgt_key: str) -> dict[str, Any]:
     """One pair as a JSON object: the two keys, then the metadata it has."""
     rec: dict[str, Any] = {src_key: p.source, tgt_key: p.target}
     if p.alternatives:
@@ -542,11 +565,11 @@ def write_pairs(
             rows = [(src_key, tgt_key, *EXTRA_COLUMNS), *(_cells(p) for p in pairs)]
             text = "".join("\t".join(row) + "\n" for row in rows)
     elif fmt == "json":
-        records = [_record(p, src_key, tgt_key) for p in pairs]
+        records = [_json_record(p, src_key, tgt_key) for p in pairs]
         text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
     elif fmt == "jsonl":
         text = "".join(
-            json.dumps(_record(p, src_key, tgt_key), ensure_ascii=False) + "\n" for p in pairs
+            json.dumps(_json_record(p, src_key, tgt_key), ensure_ascii=False) + "\n" for p in pairs
         )
     else:
         text = "".join(line + "\n" for line in _muse_lines(pairs, path))
@@ -1006,15 +1029,26 @@ class PairSets:
         """``{"trained": [...], "control": [...]}``."""
         return {"trained": list(self.trained), "control": list(self.control)}
 
-    def warn_leakage(self) -> None:
-        """Log one warning when control pairs are related to trained ones (none otherwise)."""
-        if self.leaks:
-            log.warning(
-                "%s: %d control item(s) overlap the trained set, e.g. %s",
-                self.where,
-                len(self.leaks),
-                self.leaks[0],
-            )
+    def check_leakage(self, allow: bool = False, how: str = "--allow-overlap") -> None:
+        """The one leakage rule of every command: related control pairs are an error.
+
+        A control item that shares a headword, root, stem or gloss with a trained item
+        (:func:`check_leakage`) is not unseen, so a control figure would overstate
+        generalisation. With ``allow`` the overlap is accepted with one warning instead.
+
+        Args:
+            allow: Accept the overlap (``--allow-overlap``; ``pairs.allow_overlap`` in a run).
+            how: The option that allows it, named in the error.
+
+        Raises:
+            TLIError: Naming the file(s), the count and the first overlap, unless ``allow``.
+        """
+        if not self.leaks:
+            return
+        found = f"{len(self.leaks)} control item(s) overlap the trained set, e.g. {self.leaks[0]}"
+        if not allow:
+            raise TLIError(f"{self.where}: {found} (`tli pairs check` lists them; {how} accepts)")
+        log.warning("%s: %s (allowed by %s)", self.where, found, how)
 
 
 def load_sets(

@@ -68,7 +68,7 @@ from tli.adapters import (
     quantization_note,
     read_adapter,
 )
-from tli.config import check_int
+from tli.config import MAX_BATCH, check_int, check_seed
 from tli.errors import TLIError
 from tli.generate import generate, generate_answers
 from tli.io import ensure_dir, nan_from_null
@@ -208,17 +208,17 @@ class ProbeConfig:
     )
 
     def __post_init__(self) -> None:
-        for name, low in (
-            ("n", 1),
-            ("rank_n", 0),
-            ("max_new_tokens", 1),
-            ("score_n", 0),
-            ("shots", 0),
-            ("score_max_new_tokens", 1),
-            ("batch_size", 1),
+        for name, low, high in (
+            ("n", 1, MAX_BATCH),
+            ("max_new_tokens", 1, 4096),
+            ("score_n", 0, MAX_BATCH),
+            ("shots", 0, 256),
+            ("score_max_new_tokens", 1, 4096),
+            ("batch_size", 1, MAX_BATCH),
+            ("rank_n", 0, MAX_BATCH),
         ):
-            check_int(name, getattr(self, name), low)
-        check_int("seed", self.seed)
+            check_int(name, getattr(self, name), low, high)
+        check_seed("seed", self.seed)
         templates = tuple(self.templates)
         object.__setattr__(self, "templates", templates)
         for name in ("rank_sets", "rank_directions"):
@@ -768,9 +768,11 @@ class ProbeResult:
 def _read_result(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TLIError(f"{path}: no such file (has the probe run?)")
+    from tli.io import read_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        data = json.loads(read_text(path))  # a regular file only: a FIFO would block
+    except (ValueError, RecursionError) as err:
         raise TLIError(f"{path}: cannot read: {err}") from None
     if not isinstance(data, dict) or "config" not in data:
         raise TLIError(f"{path}: not a tli probe result")

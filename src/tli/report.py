@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from tli.io import atomic_write_text
+from tli.io import atomic_write_text, read_bytes, read_json, read_text
 from tli.plots import TSNE_NOTE
 
 _CSS = """
@@ -40,10 +40,10 @@ def build_markdown(run_dir: Path) -> str:
     from tli.scan import ScanResult
 
     run_dir = Path(run_dir)
-    record = json.loads((run_dir / "run.json").read_text())
+    record = read_json(run_dir / "run.json")
     scan = ScanResult.load(run_dir / "scan")
     ev = EvalResult.load(run_dir / "eval")
-    train_info = json.loads((run_dir / "train" / "train.json").read_text())
+    train_info = read_json(run_dir / "train" / "train.json")
     stages = record["stages"]
     layer = stages["train"]["layer"]
     n = ev.num_layers
@@ -121,8 +121,8 @@ def build_markdown(run_dir: Path) -> str:
     )
     for name in ev.sets:
         lines += _section(f"Every layer, {name} set", ev.layer_table(name))
-    config = (run_dir / "config.toml").read_text(encoding="utf-8")
-    env = json.loads((run_dir / "environment.json").read_text())
+    config = read_text(run_dir / "config.toml")
+    env = read_json(run_dir / "environment.json")
     lines += _section("Config", "```toml", config.rstrip(), "```")
     lines += _section("Environment", "```json", json.dumps(env, indent=2), "```")
     return "\n".join(lines).rstrip() + "\n"
@@ -176,7 +176,7 @@ def _yardstick_section(run_dir: Path, ev: Any) -> list[str]:
 
 
 def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(read_bytes(path)).decode("ascii")
 
 
 def build_html(markdown_text: str, run_dir: Path, title: str) -> str:

@@ -34,7 +34,15 @@ from typing import Any, Literal
 
 import torch
 
-from tli.config import check_int, check_one_of, check_unit
+from tli.config import (
+    MAX_BATCH,
+    MAX_RESAMPLES,
+    check_int,
+    check_one_of,
+    check_range,
+    check_seed,
+    check_unit,
+)
 from tli.embed import POOLINGS, Embedding, Pooling
 from tli.errors import TLIError
 from tli.pairs import check_sets, gold_mask
@@ -50,6 +58,9 @@ SELECT_METRICS: dict[str, str] = {
 }
 SELECT_BY: tuple[str, ...] = tuple(SELECT_METRICS)
 SelectBy = Literal["cosine", "margin", "p_at_1"]
+#: The sets a layer can be chosen on.
+SELECT_ON: tuple[str, ...] = ("trained", "control")
+SelectOn = Literal["trained", "control"]
 #: Prefix of the metric names of the centred variants (``--center``) in ``scan.csv``.
 CENTERED_PREFIX = "centered_"
 #: Prefix of the frozen yardsticks' metric names in ``scan.csv`` (:mod:`tli.yardsticks`).
@@ -87,7 +98,7 @@ class ScanConfig:
             "source->target, nearest neighbour); ties go to the larger margin",
         },
     )
-    select_on: str = field(
+    select_on: SelectOn = field(
         default="trained",
         metadata={
             "help": "set whose metrics choose the layer (default trained: choosing on the "
@@ -117,16 +128,15 @@ class ScanConfig:
     def __post_init__(self) -> None:
         check_one_of("pooling", self.pooling, POOLINGS)
         check_one_of("select_by", self.select_by, SELECT_BY)
-        if not isinstance(self.select_on, str) or not self.select_on.strip():
-            raise TLIError(f"select_on must name a set, got {self.select_on!r}")
-        for name in ("batch_size", "n_boot", "csls_k"):
-            check_int(name, getattr(self, name), 1)
-        check_int("seed", self.seed)
+        check_one_of("select_on", self.select_on, SELECT_ON)
+        check_int("batch_size", self.batch_size, 1, MAX_BATCH)
+        check_int("n_boot", self.n_boot, 1, MAX_RESAMPLES)
+        check_int("csls_k", self.csls_k, 1, MAX_BATCH)
+        check_seed("seed", self.seed)
         if not isinstance(self.center, bool):
             raise TLIError(f"center must be true or false, got {self.center!r}")
         check_unit("level", self.level)
-        if not (isinstance(self.baseline_warn, (int, float)) and -1 <= self.baseline_warn <= 1):
-            raise TLIError(f"baseline_warn must be in [-1, 1], got {self.baseline_warn!r}")
+        check_range("baseline_warn", self.baseline_warn, -1.0, 1.0)
 
 
 Summary = dict[str, list[float]]  # metric -> one value per scanned layer
@@ -268,11 +278,13 @@ class ScanResult:
         """Read a scan back from its directory (``scan.json``; the CSV is derived from it)."""
         path = Path(directory)
         path = path / JSON_NAME if path.is_dir() else path
+        from tli.io import read_text
+
+        if not path.exists():
+            raise TLIError(f"{path}: no such file (not a scan directory?)")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise TLIError(f"{path}: no such file (not a scan directory?)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(read_text(path))  # a regular file only: a FIFO would block
+        except (ValueError, RecursionError) as err:
             raise TLIError(f"{path}: cannot read: {err}") from None
         try:
             if data.get("stage") != "scan":

@@ -64,7 +64,7 @@ from typing import Any
 
 import torch
 
-from tli.config import build, read_toml, to_dict
+from tli.config import MAX_RESAMPLES, build, check_int, read_toml, to_dict
 from tli.embed import POOLINGS
 from tli.errors import TLIError
 from tli.io import atomic_write_json, atomic_write_text, ensure_dir
@@ -116,6 +116,10 @@ class SweepConfig:
     metric: str = field(default="p_at_1_s2t_nn", metadata={"help": "ranking figure"})
     jobs: int = field(default=1, metadata={"help": "cells trained at once (processes)"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples of the CIs"})
+    allow_overlap: bool = field(
+        default=False,
+        metadata={"help": "accept control pairs related to trained ones (one warning)"},
+    )
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -124,6 +128,8 @@ class SweepConfig:
             raise TLIError(f"[sweep] metric must be one of {', '.join(FIGURES)}")
         if self.jobs < 1:
             raise TLIError(f"[sweep] jobs must be >= 1, got {self.jobs}")
+        check_int("[sweep] jobs", self.jobs, 1, 1024)
+        check_int("[sweep] n_boot", self.n_boot, 1, MAX_RESAMPLES)
 
 
 @dataclass(frozen=True)
@@ -228,13 +234,42 @@ def _pair_sets(sweep: SweepConfig) -> Any:
 
     sets = load_sets(Path(sweep.pairs) if sweep.pairs else None)
     if len(sets.trained) < 2 or len(sets.control) < 2:
-        raise TLIError("the sweep needs a pair list with a trained and a control split")
+        raise TLIError(f"{sets.where}: the sweep needs a pair list with a trained and a "
+                       "control split")  # fmt: skip
+    sets.check_leakage(sweep.allow_overlap, "[sweep] allow_overlap = true")
     return sets
 
 
 def _sets(sweep: SweepConfig) -> dict[str, list]:
     """The sweep's trained and control sets."""
     return _pair_sets(sweep).as_dict()
+
+
+def check_grid(grid: Grid) -> None:
+    """Every check a sweep can make before it writes anything or loads a model.
+
+    The pairs (:func:`_sets`), the trackers, the model's device, and each cell's training settings
+    against the model's structure on the meta device (:func:`tli.train.check_trainable`).
+    """
+    from tli.models import ModelConfig, check_loadable, load_config, meta_model
+    from tli.surgery import num_layers
+    from tli.train import check_tracker, check_trainable
+
+    sweep = grid.sweep
+    sets = _sets(sweep)
+    for report_to in {c.train.report_to for c in grid.cells}:
+        check_tracker(report_to)
+    mcfg = ModelConfig(name=sweep.model)
+    check_loadable(mcfg)
+    _, config = load_config(sweep.model)
+    n = num_layers(config)
+    where = sweep.pairs or "the bundled lexicon"
+    for cell in grid.cells:
+        try:
+            depth = plan(cell.train, n).load_depth
+            check_trainable(cell.train, meta_model(mcfg, max_layer=depth), sets["trained"], where)
+        except TLIError as err:
+            raise TLIError(f"cell {cell.name}: {err}") from None
 
 
 def _control_vectors(model: Any, tokenizer: Any, control: Sequence[Any], n: int, pooling: str):
@@ -399,14 +434,18 @@ def run_sweep(
     grid: Grid, sweep_dir: Path | str, *, jobs: int | None = None, grid_text: str | None = None
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell (one after another, or ``jobs`` processes), then summarise."""
+    from tli.lock import locked_dir
+
+    check_grid(grid)  # bad pairs or settings fail before anything is written or loaded
+    with locked_dir(Path(sweep_dir), "sweep"):
+        return _run_sweep(grid, Path(sweep_dir), jobs=jobs, grid_text=grid_text)
+
+
+def _run_sweep(
+    grid: Grid, sweep_dir: Path, *, jobs: int | None = None, grid_text: str | None = None
+) -> list[dict[str, Any]]:
     from tli.models import ModelConfig, load_model
 
-    _sets(grid.sweep)  # bad pairs fail before anything is written or loaded
-    from tli.train import check_tracker
-
-    for report_to in {c.train.report_to for c in grid.cells}:
-        check_tracker(report_to)
-    sweep_dir = ensure_dir(sweep_dir)
     jobs = jobs or grid.sweep.jobs
     if grid_text is not None:
         old = sweep_dir / "grid.toml"

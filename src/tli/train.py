@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import random
@@ -35,7 +36,14 @@ import torch
 
 from tli import models, surgery
 from tli.adapters import quiet_peft, save_adapter
-from tli.config import check_one_of, check_range, to_dict
+from tli.config import (
+    MAX_BATCH,
+    MAX_STEPS,
+    check_one_of,
+    check_range,
+    check_seed,
+    to_dict,
+)
 from tli.embed import POOLINGS, pooled, tokenize
 from tli.errors import TLIError, first_line
 from tli.io import atomic_write_bytes, atomic_write_json, atomic_write_text, ensure_dir, read_json
@@ -56,6 +64,8 @@ TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 TENSORBOARD_DIR = "tensorboard"
 #: The project (TensorBoard run folder, MLflow experiment, W&B project) tli logs to.
 TRACKER_PROJECT = "tli"
+#: The deepest layer index a config may name; the model's own depth is checked before a run.
+MAX_LAYERS = 10_000
 
 
 @dataclass(frozen=True)
@@ -171,28 +181,33 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.layer is not None:
-            check_range("layer", self.layer, 0)
+            check_range("layer", self.layer, 0, MAX_LAYERS)
         if self.loss not in LOSSES:
             get_loss(self.loss)  # raises with the valid names
         check_range("margin", self.margin, 0.0, 2.0)
-        check_range("temperature", self.temperature, 0.0, lo_open=True)
+        check_range("temperature", self.temperature, 0.0, 100.0, lo_open=True)
         check_range("lr", self.lr, 0.0, 1.0, lo_open=True)
-        check_range("weight_decay", self.weight_decay, 0.0)
-        check_range("epochs", self.epochs, 1)
+        check_range("weight_decay", self.weight_decay, 0.0, 10.0)
+        check_range("epochs", self.epochs, 1, 100_000)
         if self.batch_size < 2:
             raise TLIError(
                 f"batch_size must be >= 2 (in-batch negatives need another pair), got "
                 f"{self.batch_size}"
             )
-        check_range("warmup_steps", self.warmup_steps, 0)
-        check_range("max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
+        check_range("batch_size", self.batch_size, 2, MAX_BATCH)
+        check_range("warmup_steps", self.warmup_steps, 0, MAX_STEPS)
+        check_range("max_grad_norm", self.max_grad_norm, 0.0, 1e6, lo_open=True)
+        check_seed("seed", self.seed)
         check_one_of("pooling", self.pooling, POOLINGS)
-        check_range("lora_r", self.lora_r, 1)
-        check_range("lora_alpha", self.lora_alpha, 0.0, lo_open=True)
+        check_range("lora_r", self.lora_r, 1, MAX_BATCH)
+        check_range("lora_alpha", self.lora_alpha, 0.0, 1e6, lo_open=True)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
         if not self.target_modules:
             raise TLIError("target_modules is empty")
-        check_range("save_every", self.save_every, 0)
+        for name in self.target_modules:
+            if not isinstance(name, str) or not name.strip():
+                raise TLIError(f"target_modules holds an empty name: {self.target_modules!r}")
+        check_range("save_every", self.save_every, 0, MAX_STEPS)
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise TLIError(
                 f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}"
@@ -207,13 +222,15 @@ class TrainConfig:
                 raise TLIError(
                     f"loss_weights has {len(weights)} value(s) but loss_layers has {n_terms}"
                 )
-            if any(w < 0 or w != w for w in weights) or sum(weights) <= 0:
-                raise TLIError(f"loss_weights must be >= 0 with a positive sum, got {weights}")
+            if any(not 0 <= w <= 1e6 for w in weights) or sum(weights) <= 0:
+                raise TLIError(
+                    f"loss_weights must be in 0..1e6 with a positive sum, got {weights}"
+                )
         if self.center not in ("none", "batch", "running"):
             raise TLIError(f"center must be none, batch or running, got {self.center!r}")
         check_range("center_momentum", self.center_momentum, 0.0, 1.0, lo_open=True)
-        check_range("uniformity_weight", self.uniformity_weight, 0.0)
-        check_range("uniformity_t", self.uniformity_t, 0.0, lo_open=True)
+        check_range("uniformity_weight", self.uniformity_weight, 0.0, 1e6)
+        check_range("uniformity_t", self.uniformity_t, 0.0, 1e6, lo_open=True)
         if self.adapt_layers is not None:
             parse_blocks(self.adapt_layers, None)  # syntax now; bounds once N is known
             if self.adapt_all_layers:
@@ -579,12 +596,82 @@ def _log_csv(rows: list[dict[str, float]]) -> str:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a training directory, or None."""
-    pointer = Path(out_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    """The newest checkpoint of a training directory that holds its files, or None.
+
+    ``checkpoints/latest`` names it; when that name is missing or damaged, the newest
+    ``step-S`` folder with a ``state.pt`` is used (:func:`checkpoint_candidates`).
+    """
+    found = checkpoint_candidates(out_dir)
+    return found[0] if found else None
+
+
+def checkpoint_candidates(out_dir: Path) -> list[Path]:
+    """Checkpoints to resume from, best first: the one ``latest`` names, then newest first.
+
+    Only folders holding ``state.pt`` and the adapter's weights count; whether they load is
+    checked when they are restored (:meth:`_Checkpoints.restore_newest`).
+    """
+    folder = Path(out_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    steps = []
+    for path in folder.glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and (path / "state.pt").is_file():
+            steps.append((int(suffix), path))
+    ordered = [p for _, p in sorted(steps, reverse=True)]
+    pointer = folder / "latest"
+    try:
+        named = folder / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named in ordered:
+        ordered.remove(named)
+        ordered.insert(0, named)
+    return ordered
+
+
+def _load_problem(err: BaseException) -> str:
+    """A short reason why a checkpoint file did not load."""
+    if type(err).__name__ == "UnpicklingError":  # weights_only refused what it found
+        return "it holds objects other than tensors and plain values; refused without running them"
+    text = first_line(err)
+    if len(text) > 100 and ". " in text:
+        text = text[: text.index(". ") + 1]
+    return f"{type(err).__name__}: {text}"
+
+
+def _changed(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``key old -> new, ...`` for the keys whose values differ."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def check_out_dir(out_dir: Path | str, *, resume: bool) -> None:
+    """Refuse a training directory that cannot take this training, before anything is loaded.
+
+    A new training refuses a directory that already holds one (an adapter or a checkpoint:
+    use ``--resume``) or other files; a directory holding only the config of a training that
+    never reached its first checkpoint may start again. A resume needs a training directory.
+    """
+    from tli.lock import has_content
+
+    out_dir = Path(out_dir)
+    if resume:
+        if not (out_dir / "train_config.json").is_file():
+            raise TLIError(f"{out_dir}: not a training directory (no train_config.json)")
+        return
+    if not has_content(out_dir):
+        return
+    started = {"train_config.json", "pairs.tsv", "train_log.csv", "checkpoints"}
+    names = {c.name for c in out_dir.iterdir()} - {"run.lock"}
+    progress = checkpoint_candidates(out_dir) or (out_dir / "final").exists()
+    if progress:
+        raise TLIError(f"{out_dir}: already holds a training run (use --resume, or a new --out)")
+    if not names <= started:
+        raise TLIError(
+            f"{out_dir}: exists, is not empty and is not a training directory; choose a new --out"
+        )
 
 
 # --- the loop -------------------------------------------------------------------------------
@@ -698,6 +785,10 @@ class _State:
     running: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
 
 
+#: What a checkpoint's ``state.pt`` holds (:meth:`_Checkpoints.save`).
+_STATE_KEYS = frozenset({"step", "optimizer", "scheduler", "torch_rng", "log", "elapsed"})
+
+
 class _Checkpoints:
     """``checkpoints/step-S/``: the adapter, optimiser, scheduler, RNG and position of a step."""
 
@@ -706,16 +797,69 @@ class _Checkpoints:
         self.out_dir, self.model, self.meta = out_dir, model, meta
         self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
 
+    def restore_newest(self, candidates: Sequence[Path], state: _State) -> Path:
+        """Restore the first checkpoint of ``candidates`` that loads; warn about the others.
+
+        Returns:
+            The checkpoint restored.
+
+        Raises:
+            TLIError: No candidate loads; names the first one's damaged file.
+        """
+        problems = []
+        for ckpt in candidates:
+            try:
+                self.restore(ckpt, state)
+            except TLIError as err:
+                problems.append(str(err))
+                continue
+            for problem in problems:
+                log.warning("%s; resuming from %s instead", problem, ckpt.name)
+            return ckpt
+        raise TLIError(problems[0] + ("" if len(problems) == 1 else
+                       f" (and {len(problems) - 1} older checkpoint(s) are damaged too)"))
+
     def restore(self, ckpt: Path, state: _State) -> None:
-        """Load checkpoint ``ckpt`` into the model, optimiser, scheduler, RNG and ``state``."""
-        from peft import set_peft_model_state_dict
+        """Load checkpoint ``ckpt`` into the model, optimiser, scheduler, RNG and ``state``.
+
+        ``state.pt`` is read with ``weights_only=True``, so a file holding anything but
+        tensors and plain values (a malicious file, say) is refused, never run.
+
+        Raises:
+            TLIError: A file of the checkpoint is missing, damaged or not a tli checkpoint.
+        """
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        saved = torch.load(ckpt / "state.pt", weights_only=True)
-        set_peft_model_state_dict(self.model, load_file(ckpt / "adapter_model.safetensors"))
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["torch_rng"])
+        from tli.adapters import ADAPTER_WEIGHTS, missing_or_misshapen
+
+        path = ckpt / "state.pt"
+        try:
+            saved = torch.load(path, weights_only=True)
+            if not isinstance(saved, dict) or not _STATE_KEYS <= saved.keys():
+                raise ValueError("not a tli checkpoint (keys missing)")
+            path = ckpt / ADAPTER_WEIGHTS
+            weights = load_file(path)
+        except Exception as err:  # torch and safetensors raise many types for a damaged file
+            raise TLIError(f"{path}: damaged checkpoint ({_load_problem(err)})") from None
+        problem = missing_or_misshapen(get_peft_model_state_dict(self.model), weights)
+        if problem:
+            raise TLIError(f"{path}: damaged checkpoint ({problem})")
+        set_peft_model_state_dict(self.model, weights)
+        try:
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            torch.set_rng_state(saved["torch_rng"])
+            self._position(saved, state)
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+            raise TLIError(
+                f"{ckpt / 'state.pt'}: damaged checkpoint ({type(err).__name__}: "
+                f"{first_line(err)})"
+            ) from None
+
+    @staticmethod
+    def _position(saved: dict, state: _State) -> None:
+        """Where the checkpoint stood: step, log rows, time, running means."""
         state.step, state.rows = int(saved["step"]), list(saved["log"])
         state.elapsed = float(saved["elapsed"])
         for i, means in enumerate(saved.get("running_means") or []):
@@ -738,10 +882,14 @@ class _Checkpoints:
             buf = io.BytesIO()
             torch.save(saved, buf)
             atomic_write_bytes(path / "state.pt", buf.getvalue())
-            atomic_write_text(self.out_dir / "checkpoints" / "latest", name + "\n")
+            pointer = self.out_dir / "checkpoints" / "latest"
+            previous = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+            atomic_write_text(pointer, name + "\n")
             atomic_write_text(self.out_dir / "train_log.csv", _log_csv(state.rows))
+            # The previous checkpoint stays too: a resume falls back to it when this one is
+            # damaged (restore_newest).
             for old in (self.out_dir / "checkpoints").glob("step-*"):
-                if old.name != name:
+                if old.name not in (name, previous):
                     shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return path
@@ -794,23 +942,10 @@ def train(
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    the_plan = plan(cfg, loaded.num_layers)
-    if cfg.prefix_cache == "on":
-        surgery.check_prefix_cache(loaded.model)
-        if the_plan.first_adapted < 1:
-            raise TLIError(
-                "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
-                "block 0 is adapted"
-            )
-        from tli.cache import inexact_reason
-
-        why = inexact_reason(loaded.model, the_plan.first_adapted, cfg.mixed_precision)
-        if why is not None:
-            raise TLIError(f"prefix_cache = on: {why}; set prefix_cache = off or auto")
+    the_plan = _checked_plan(cfg, loaded)
     check_tracker(cfg.report_to)
     loaded = _with_depth(loaded, the_plan, model_config)
-    if len(pairs) < 2:
-        raise TLIError(f"training needs at least 2 pairs, got {len(pairs)}")
+    check_pairs(pairs)
     out_dir = ensure_dir(out_dir)
     tracking = cfg.report_to != "none"
     accelerator = Accelerator(
@@ -831,27 +966,36 @@ def train(
             )
 
     config_record = {"model": model_config or {"name": loaded.name}, "train": to_dict(cfg)}
+    candidates: list[Path] = []
     if resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise TLIError(f"{out_dir}: no checkpoint to resume from")
+        candidates = checkpoint_candidates(out_dir)
+        if not candidates:
+            raise TLIError(f"{out_dir}: no checkpoint to resume from (no checkpoints/step-*/)")
+        pointer = out_dir / "checkpoints" / "latest"
+        named = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+        if named != candidates[0].name:
+            log.warning("%s names %r, which is missing or incomplete; the newest checkpoint is "
+                        "%s", pointer, named, candidates[0].name)  # fmt: skip
         saved = read_json(out_dir / "train_config.json")
+        now = json.loads(json.dumps(config_record["train"]))
+        old = saved.get("train") if isinstance(saved.get("train"), dict) else {}
+
         def trained(values: Any) -> Any:  # the tracker does not change what is trained
             return {k: v for k, v in values.items() if k != "report_to"}
 
-        if not isinstance(saved.get("train"), dict) or trained(saved["train"]) != trained(
-            config_record["train"]
-        ):
-            raise TLIError(f"{out_dir}: the training config differs from the one being resumed")
+        if not old or trained(old) != trained(now):
+            raise TLIError(
+                f"{out_dir}: the training config differs from the one being resumed: "
+                f"{_changed(trained(old), trained(now))}"
+            )
         if card is None and isinstance(saved.get("card"), dict):
             card = saved["card"]
         config_record["card"] = dict(card or {})  # train.json records what a fresh run does
     else:
-        if latest_checkpoint(out_dir) is not None or (out_dir / "final").exists():
+        if checkpoint_candidates(out_dir) or (out_dir / "final").exists():
             raise TLIError(
                 f"{out_dir}: already holds a training run (use --resume, or a new --out)"
             )
-        ckpt = None
         if main:
             from tli.pairs import write_pairs
 
@@ -892,8 +1036,9 @@ def train(
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     checkpoints = _Checkpoints(out_dir, model, optimizer, scheduler, meta, accelerator)
     state = _State(running=[None] * len(the_plan.loss_layers))
-    if ckpt is not None:
-        checkpoints.restore(ckpt, state)
+    ckpt = None
+    if candidates:
+        ckpt = checkpoints.restore_newest(candidates, state)
         log.info("resuming %s from step %d of %d", out_dir, state.step, total_steps)
 
     if tracking:
@@ -1066,6 +1211,79 @@ def _from_cache(model: torch.nn.Module, cache: Any, texts: Sequence[str], enc: d
         return
     with surgery.start_at_block(model, cache.k, cache.batch(texts, enc)):
         yield
+
+
+def _checked_plan(cfg: TrainConfig, loaded: Any) -> TrainPlan:
+    """:func:`plan`, and the prefix cache's needs when ``prefix_cache = on``."""
+    the_plan = plan(cfg, loaded.num_layers)
+    if cfg.prefix_cache == "on":
+        surgery.check_prefix_cache(loaded.model)
+        if the_plan.first_adapted < 1:
+            raise TLIError(
+                "prefix_cache = on needs adapters only on blocks >= K > 0 (set adapt_layers); "
+                "block 0 is adapted"
+            )
+        from tli.cache import inexact_reason
+
+        why = inexact_reason(loaded.model, the_plan.first_adapted, cfg.mixed_precision)
+        if why is not None:
+            raise TLIError(f"prefix_cache = on: {why}; set prefix_cache = off or auto")
+    return the_plan
+
+
+def check_pairs(pairs: Sequence[Pair], where: str | None = None) -> None:
+    """Refuse training pairs that give no negatives: fewer than 2, or every target shared.
+
+    In-batch negatives are the other pairs' targets, minus any listed translation of the
+    anchor (:func:`batch_gold`); when every pair's target is a translation of every source,
+    no batch has a negative and the loss is undefined.
+
+    Args:
+        pairs: The training pairs.
+        where: The file(s) they came from, for the message.
+    """
+    prefix = f"{where}: " if where else ""
+    if len(pairs) < 2:
+        raise TLIError(f"{prefix}training needs at least 2 pairs, got {len(pairs)}")
+    if bool(gold_mask(list(pairs)).all()):
+        raise TLIError(
+            f"{prefix}every pair's target is a listed translation of every source, so training "
+            "has no negatives (the other pairs' targets); give pairs with different targets"
+        )
+
+
+def check_trainable(cfg: TrainConfig, model: Any, pairs: Sequence[Pair] | None = None,
+                    where: str | None = None) -> TrainPlan:  # fmt: skip
+    """Everything :func:`train` would refuse, checked before any weight is loaded.
+
+    Args:
+        cfg: The training settings.
+        model: The model's structure: a :class:`tli.models.LoadedModel` from
+            :func:`tli.models.meta_model` (no weights), built with ``load_depth``.
+        pairs: The training pairs, if known (:func:`check_pairs`).
+        where: The file(s) the pairs came from, for messages.
+
+    Returns:
+        The :class:`TrainPlan`.
+
+    Raises:
+        TLIError: A loss layer or adapted block the model does not have, target modules it
+            lacks, prefix-cache settings it cannot meet, or pairs without negatives.
+    """
+    from peft import get_peft_model
+
+    the_plan = _checked_plan(cfg, model)
+    if pairs is not None:
+        check_pairs(pairs, where)
+    with quiet_peft():
+        try:
+            get_peft_model(model.model, lora_config(cfg, model.num_layers, model.model))
+        except ValueError as err:  # e.g. peft's NoMatchingPeftModuleError
+            raise TLIError(
+                f"target_modules {', '.join(cfg.target_modules)}: cannot add adapters: "
+                f"{first_line(err)}"
+            ) from None
+    return the_plan
 
 
 def load_depth(cfg: TrainConfig, num_layers: int) -> int | None:

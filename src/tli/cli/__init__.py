@@ -138,17 +138,98 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
-        parser.print_help()
+        _say("tli: error: no command given (`tli --help` lists them)")
         return 2
+    from tli.console import third_party_routed
+
+    stdout = sys.stdout
     try:
         set_threads(args.threads)
-        return int(args.func(args) or 0)
+        if stdout is not None:  # None when tli was started with stdout closed
+            sys.stdout = _Stdout(stdout)
+        with third_party_routed():
+            code = int(args.func(args) or 0)
+        if stdout is not None:
+            sys.stdout.flush()
+        return code
+    except _StdoutFailed as failed:  # stdout is a full disk (> /dev/full) or a bad device
+        _stdout_closed()
+        _say(f"tli: error: stdout: cannot write: {failed.reason}")
+        return 2
     except TLIError as err:
-        print(f"tli: error: {one_line(str(err))}", file=sys.stderr)
+        _say(f"tli: error: {one_line(str(err))}")
         return 2
     except KeyboardInterrupt:
-        print("tli: interrupted", file=sys.stderr)
+        _say("tli: interrupted")
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+    finally:
+        if stdout is not None and isinstance(sys.stdout, _Stdout):
+            sys.stdout = stdout
+
+
+def _say(line: str) -> None:
+    """Print ``line`` on stderr; when stderr is closed (``2>&-``) there is nowhere to say it."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class _StdoutFailed(Exception):
+    """Writing to stdout failed (not a closed pipe); ``reason`` is the OS's words."""
+
+    def __init__(self, err: OSError) -> None:
+        super().__init__(err)
+        self.reason = err.strerror or str(err)
+
+
+class _Stdout:
+    """stdout for the duration of a command: a failed write becomes :class:`_StdoutFailed`.
+
+    So a full disk behind ``> FILE`` is told apart from an internal error (a plain OSError).
+    """
+
+    def __init__(self, stream: typing.TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:  # noqa: D102
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _StdoutFailed(err) from None
+
+    def flush(self) -> None:  # noqa: D102
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as err:
+            raise _StdoutFailed(err) from None
+
+    def __getattr__(self, name: str) -> typing.Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``tli pairs check FILE | head -3``): stop quietly.
+
+    What could not be printed is dropped; stdout is pointed at /dev/null so that Python's own
+    flush at exit does not fail again. Exit code 141 (128 + SIGPIPE), as a shell reports a
+    command that a closed pipe stopped.
+    """
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout has no file descriptor (e.g. captured in tests)
+        pass
+    return 141
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tli.cli.options import add_model_arguments, model_config
+from tli.config import MAX_BATCH
 from tli.embed import POOLINGS
 from tli.errors import TLIError
 
@@ -51,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
     check_texts(texts)
     if args.batch_size < 1:
         raise TLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.batch_size > MAX_BATCH:
+        raise TLIError(f"--batch-size must be <= {MAX_BATCH}, got {args.batch_size}")
     check_out_file(args.out)  # before any model is loaded
     cfg = model_config(args)
     _, config = load_config(cfg.name, trust_remote_code=cfg.trust_remote_code)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tli.cli.options import (
     adapter_and_model,
     adapter_command,
     add_adapter_arguments,
+    add_out_arguments,
     add_pair_arguments,
     add_plan_argument,
+    check_out,
+    replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, YARDSTICKS_PNG, EvalConfig
@@ -35,9 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tli evaluate``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("eval"), help="output directory (default: eval)"
-    )
+    add_out_arguments(p, "eval", "evaluation")
     add_dataclass_arguments(p, EvalConfig)
     p.add_argument(
         "--no-perplexity",
@@ -52,7 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli evaluate``; returns the exit code."""
+    import time
+
     from tli.evaluate import evaluate
+    from tli.models import load_model
     from tli.perplexity import text_sets
     from tli.plots import plot_yardsticks
 
@@ -67,9 +70,14 @@ def run(args: argparse.Namespace) -> int:
         return print_plan([model_stage("evaluate", mcfg, config, note=note)], mcfg.device)
     if cfg.perplexity:
         text_sets(cfg.texts)  # a bad text file fails before any model is loaded
-    info, sets, languages, loaded, load_s = adapter_command(args, "the evaluation")
-    result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
-    figure = plot_yardsticks(args.out, args.out / YARDSTICKS_PNG)
+    check_out(args.out, JSON_NAME, "an evaluation", args.overwrite)
+    info, sets, languages, model_cfg = adapter_command(args, "the evaluation")
+    with replacing_out(args.out, "evaluate", JSON_NAME, "an evaluation", args.overwrite):
+        start = time.perf_counter()
+        loaded = load_model(model_cfg)
+        load_s = time.perf_counter() - start
+        result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
+        figure = plot_yardsticks(args.out, args.out / YARDSTICKS_PNG)
     print("\n".join(result.summary_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")

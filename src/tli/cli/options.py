@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,12 @@ def add_pair_arguments(p: argparse.ArgumentParser, *, control: bool = True) -> N
     if control:
         p.add_argument("--control", type=Path, help="pair file of the control set (all its pairs)")
     add_key_arguments(p)
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="accept control pairs that share a headword, root, stem or gloss with trained "
+        "pairs (one warning instead of an error)",
+    )
 
 
 def add_key_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +89,7 @@ def add_key_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def pair_sets(args: argparse.Namespace) -> PairSets:
-    """The sets of ``--pairs`` / ``--control`` by :func:`tli.pairs.load_sets`, leakage warned."""
+    """The sets of ``--pairs`` / ``--control`` (:func:`tli.pairs.load_sets`), leakage checked."""
     sets = pairs.load_sets(
         args.pairs,
         getattr(args, "control", None),
@@ -90,7 +98,7 @@ def pair_sets(args: argparse.Namespace) -> PairSets:
         src_lang=args.src_lang,
         tgt_lang=args.tgt_lang,
     )
-    sets.warn_leakage()
+    sets.check_leakage(getattr(args, "allow_overlap", False))
     return sets
 
 
@@ -127,28 +135,96 @@ def add_adapter_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, adapter=True)
 
 
+def add_out_arguments(p: argparse.ArgumentParser, default: str, holds: str) -> None:
+    """``--out`` (an output directory) and ``--overwrite`` (replace the results it holds)."""
+    p.add_argument(
+        "--out", type=Path, default=Path(default), help=f"output directory (default: {default})"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace the {holds} that --out holds (kept until the new one is written)",
+    )
+
+
+def check_out(out: Path, marker: str, holds: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that holds other files, or earlier results without ``--overwrite``.
+
+    Args:
+        out: The output directory.
+        marker: The file that marks earlier results (e.g. ``evaluation.json``).
+        holds: What they are, in words (e.g. "an evaluation").
+        overwrite: ``--overwrite`` was given.
+    """
+    from tli.io import ensure_writable_dir
+    from tli.lock import has_content
+
+    ensure_writable_dir(out)
+    if not has_content(out):
+        return
+    if not (out / marker).is_file():
+        raise TLIError(
+            f"{out}: exists and is not empty, but holds no {marker} (it is not {holds}); "
+            "refusing to write into it" + (" or to overwrite it" if overwrite else "")
+            + "; choose another --out"
+        )
+    if not overwrite:
+        raise TLIError(
+            f"{out}: already holds {holds} ({marker}); use --overwrite to replace it, or "
+            "another --out"
+        )
+
+
+@contextmanager
+def replacing_out(
+    out: Path, command: str, marker: str, holds: str, overwrite: bool
+) -> Iterator[Path]:
+    """Hold ``--out`` for the block: locked, earlier results set aside until the block succeeds.
+
+    The earlier results are moved aside (:class:`tli.io.SetAside`), deleted once the block
+    has written the new ones, and put back if it fails, so ``--overwrite`` never loses them.
+    A directory the block created and left empty is removed.
+    """
+    from tli.io import SetAside, recover_aside
+    from tli.lock import LOCK, has_content, locked_dir
+
+    with locked_dir(out, command):
+        recover_aside(out, keep=(LOCK,))
+        check_out(out, marker, holds, overwrite)  # again, now that the lock is held
+        aside = SetAside(out, keep=(LOCK,)) if has_content(out) else None
+        try:
+            yield out
+        except BaseException:
+            if aside is not None:
+                aside.restore()
+            raise
+        if aside is not None:
+            aside.discard()
+
+
 def adapter_command(
     args: argparse.Namespace, stage: str
-) -> tuple[Any, dict[str, list], tuple[str, str], Any, float]:
-    """The start of a command that compares a base model with an adapter (evaluate, probe).
+) -> tuple[Any, dict[str, list], tuple[str, str], ModelConfig]:
+    """The checks of a command that compares a base model with an adapter (evaluate, probe).
 
-    Checks ``--out``, reads the adapter, then the pair sets (both before any model is loaded),
-    then loads the base model.
+    Everything is checked before the model is loaded and before anything is written: ``--out``
+    (:func:`check_out`), the adapter's files, the pair sets, the device, and the adapter
+    against the model's structure on the meta device (:func:`tli.adapters.check_adapter`:
+    name, architecture, depth, module shapes; :func:`tli.adapters.check_tensors`: every tensor
+    its config implies).
 
     Returns:
-        ``(adapter info, sets, languages, loaded base model, seconds the load took)``.
+        ``(adapter info, sets, languages, base model config)``.
     """
-    import time
+    from tli.adapters import check_adapter, check_tensors
+    from tli.models import check_loadable, meta_model
 
-    from tli.io import ensure_writable_dir
-    from tli.models import load_model
-
-    ensure_writable_dir(args.out)
     info, model_cfg = adapter_and_model(args)
     sets, languages = checked_sets(args, stage)
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    return info, sets, languages, loaded, time.perf_counter() - start
+    check_loadable(model_cfg)
+    check_adapter(info, meta_model(model_cfg))
+    check_tensors(info, meta_model(model_cfg), "probed" if "probe" in stage else "evaluated")
+    return info, sets, languages, model_cfg
 
 
 def adapter_and_model(args: argparse.Namespace) -> tuple[Any, ModelConfig]:

@@ -93,6 +93,12 @@ def _fraction(text: str) -> float:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
+    from tli.config import check_seed
+
+    try:
+        check_seed("--seed", args.seed)
+    except TLIError as err:
+        raise TLIError(f"tli pairs split: {err}") from None
     if not str(args.out).lower().endswith(".tsv"):
         raise TLIError(f"{args.out}: pairs are written as TSV; give a .tsv file name")
     pairs = _read_args(args, args.file)

@@ -53,6 +53,15 @@ def redraw(directory: str | os.PathLike[str]) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli plot``; returns the exit code."""
-    for path in redraw(args.directory):
+    from tli.lock import locked_dir
+
+    root = Path(args.directory)
+    if not root.is_dir():
+        raise TLIError(
+            f"{root}: no such directory" if not root.exists() else f"{root}: not a directory"
+        )
+    with locked_dir(root, "plot"):  # not while a run writes its results there
+        written = redraw(root)
+    for path in written:
         print(f"wrote {path}")
     return 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from tli.cli.options import (
     adapter_command,
     add_adapter_arguments,
+    add_out_arguments,
     add_pair_arguments,
+    check_out,
+    replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.probe import (
@@ -44,14 +46,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``tli probe``."""
     add_adapter_arguments(p)
     add_pair_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("probe"), help="output directory (default: probe)"
-    )
+    add_out_arguments(p, "probe", "probe")
     add_dataclass_arguments(p, ProbeConfig, skip=("enabled",))
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli probe``; returns the exit code."""
+    import time
+
+    from tli.models import load_model
     from tli.probe import probe
 
     overrides = overrides_from_args(ProbeConfig, args)
@@ -59,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
         if isinstance(overrides.get(key), str):
             overrides[key] = overrides[key].replace("\\n", "\n")
     cfg = build(ProbeConfig, overrides)
-    info, sets, languages, loaded, load_s = adapter_command(args, "the probe")
-    result = probe(loaded, info.dir, sets, cfg, args.out, languages=languages)
+    check_out(args.out, PROBE_JSON, "a probe", args.overwrite)
+    info, sets, languages, model_cfg = adapter_command(args, "the probe")
+    with replacing_out(args.out, "probe", PROBE_JSON, "a probe", args.overwrite):
+        start = time.perf_counter()
+        loaded = load_model(model_cfg)
+        load_s = time.perf_counter() - start
+        result = probe(loaded, info.dir, sets, cfg, args.out, languages=languages)
     print(result.summary_line())
     if result.scored:
         print()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +10,8 @@ from typing import Any
 from tli.cli.options import add_plan_argument
 from tli.config import parse_set, read_toml
 from tli.errors import TLIError
-from tli.pipeline.config import absolute_paths, load_run_config, resolve_config
+from tli.pipeline.config import absolute_paths, load_run_config, resolve_sources
 from tli.pipeline.presets import PRESETS
-from tli.pipeline.rundir import prepare_run_dir
 from tli.pipeline.runner import run_pipeline
 
 NAME = "run"
@@ -36,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/tli)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--resume", type=Path, metavar="DIR", help="finish the run in DIR")
+    p.add_argument(
+        "--rerun-changed",
+        action="store_true",
+        help="with --resume: re-run a finished stage whose settings in DIR/config.toml changed, "
+        "and every stage after it (without it such a resume is refused)",
+    )
     p.add_argument("--model", help="shortcut for --set model.name=...")
     p.add_argument("--pairs", help="shortcut for --set pairs.file=...")
     p.add_argument("--src-lang", help="shortcut for --set pairs.src_lang=... (e.g. German)")
@@ -71,17 +75,19 @@ def run(args: argparse.Namespace) -> int:
         raise TLIError(
             "--resume DIR continues the run with its saved config; give no other config options"
         )
+    if args.resume is not None and args.overwrite:
+        raise TLIError("--resume continues a run and --overwrite replaces it: give one of them")
+    if args.rerun_changed and args.resume is None:
+        raise TLIError("--rerun-changed goes with --resume DIR")
+    cfg = None
     if args.resume is not None:
         run_dir = args.resume
         if args.plan:
-            cfg = load_run_config(Path(run_dir) / "config.toml")
-            return _plan(cfg)
-        prepare_run_dir(Path(run_dir), overwrite=False, resume=True)
-        cfg = load_run_config(Path(run_dir) / "config.toml")
+            return _plan(load_run_config(Path(run_dir) / "config.toml"))
     else:
-        layers: list[dict[str, Any]] = []
+        layers: list[tuple[str, dict[str, Any]]] = []
         if args.config is not None:
-            layers.append(read_toml(args.config))
+            layers.append((str(args.config), read_toml(args.config)))
         cli: dict[str, Any] = parse_set(args.set)
         if args.preset:
             cli["preset"] = args.preset
@@ -96,14 +102,17 @@ def run(args: argparse.Namespace) -> int:
         ):
             if value:
                 cli.setdefault(section, {})[key] = value
-        cfg = resolve_config(*layers, cli, where=str(args.config or "command line"))
+        cfg = resolve_sources(*layers, ("command line", cli))
         cfg = absolute_paths(cfg)
         if args.plan:
             return _plan(cfg)
         run_dir = args.out or Path("runs/tli")
     start = time.perf_counter()
-    out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None, overwrite=args.overwrite)
-    record = json.loads((out / "run.json").read_text())
+    out = run_pipeline(cfg, Path(run_dir), resume=args.resume is not None,
+                       overwrite=args.overwrite, rerun_changed=args.rerun_changed)  # fmt: skip
+    from tli.io import read_json
+
+    record = read_json(out / "run.json")
     for line in record["stages"].get("evaluate", {}).get("verdicts", []):
         print(line)
     print(f"run finished in {time.perf_counter() - start:.0f} s: {out / 'report.html'}")

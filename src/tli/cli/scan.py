@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from tli.cli.options import (
     add_model_arguments,
+    add_out_arguments,
     add_pair_arguments,
     add_plan_argument,
+    check_out,
     checked_sets,
     model_config,
+    replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
 from tli.scan import CSV_NAME, JSON_NAME, PNG_NAME, ScanConfig
@@ -33,16 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_pair_arguments(p)
     add_dataclass_arguments(p, ScanConfig)
     add_model_arguments(p)
-    p.add_argument(
-        "--out", type=Path, default=Path("scan"), help="output directory (default: scan)"
-    )
+    add_out_arguments(p, "scan", "scan")
     add_plan_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli scan``; returns the exit code."""
-    from tli.io import ensure_writable_dir
-    from tli.models import load_model
+    from tli.models import check_loadable, load_config, load_model
     from tli.plots import plot_scan
     from tli.scan import run_scan
 
@@ -54,18 +53,23 @@ def run(args: argparse.Namespace) -> int:
 
         config = config_only(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
         return print_plan([model_stage("scan", model_cfg, config)], model_cfg.device)
-    ensure_writable_dir(args.out)
+    check_out(args.out, JSON_NAME, "a scan", args.overwrite)
     sets, languages = checked_sets(args, "the scan")
-    start = time.perf_counter()
-    loaded = load_model(model_cfg)
-    load_s = time.perf_counter() - start
-    result = run_scan(loaded, sets, cfg, languages=languages)
-    result.timings["load_s"] = load_s
-    result.inputs["pairs"] = str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
-    if args.control is not None:
-        result.inputs["control"] = str(args.control)
-    result.save(args.out)
-    plot_scan(result, args.out / PNG_NAME)
+    check_loadable(model_cfg)
+    load_config(model_cfg.name, trust_remote_code=model_cfg.trust_remote_code)
+    with replacing_out(args.out, "scan", JSON_NAME, "a scan", args.overwrite):
+        start = time.perf_counter()
+        loaded = load_model(model_cfg)
+        load_s = time.perf_counter() - start
+        result = run_scan(loaded, sets, cfg, languages=languages)
+        result.timings["load_s"] = load_s
+        result.inputs["pairs"] = (
+            str(args.pairs) if args.pairs else "tli/data/lexicon.tsv (bundled)"
+        )
+        if args.control is not None:
+            result.inputs["control"] = str(args.control)
+        result.save(args.out)
+        plot_scan(result, args.out / PNG_NAME)
     print(result.table(with_warnings=False))  # the warnings went to stderr already
     print(
         f"wrote {args.out / CSV_NAME}, {args.out / JSON_NAME}, {args.out / PNG_NAME} "

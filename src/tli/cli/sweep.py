@@ -26,12 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``tli sweep``; returns the exit code."""
+    from tli.io import read_text
     from tli.sweep import read_grid, run_sweep
 
-    text = Path(args.grid).read_text(encoding="utf-8") if Path(args.grid).is_file() else None
     grid = read_grid(args.grid)
-    if args.jobs is not None and args.jobs < 1:
-        raise TLIError(f"--jobs must be >= 1, got {args.jobs}")
+    text = read_text(args.grid)
+    if args.jobs is not None and not 1 <= args.jobs <= 1024:
+        raise TLIError(f"--jobs must be in 1..1024, got {args.jobs}")
     if args.dry_run:
         for cell in grid.cells:
             print(cell.name)

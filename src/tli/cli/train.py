@@ -56,20 +56,34 @@ def _saved(out_dir: Path) -> tuple[TrainConfig, dict, list]:
     pairs = Path(out_dir) / "pairs.tsv"
     if not pairs.is_file():
         raise TLIError(f"{out_dir}: the training pairs (pairs.tsv) are missing")
-    return build(TrainConfig, saved["train"]), saved["model"], read_pairs(pairs)
+    try:
+        cfg = build(TrainConfig, saved["train"])
+    except TLIError as err:
+        raise TLIError(f"{saved_path}: [train] {err}") from None
+    return cfg, saved["model"], read_pairs(pairs)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``tli train``; returns the exit code."""
+    """Run ``tli train``; returns the exit code.
+
+    Everything is checked before the model is loaded and before anything is written: the
+    settings, the pairs, the output directory, the device, and the settings against the
+    model's structure (:func:`tli.train.check_trainable`, on the meta device).
+    """
     from tli import surgery
     from tli.io import ensure_writable_dir
-    from tli.models import ModelConfig, load_config, load_model
-    from tli.train import check_tracker, load_depth, train
+    from tli.lock import locked_dir
+    from tli.models import ModelConfig, check_loadable, load_config, load_model, meta_model
+    from tli.train import check_out_dir, check_tracker, check_trainable, load_depth, train
 
     out_dir = args.resume or args.out
     if args.resume is not None:
         cfg, model_values, pairs = _saved(args.resume)
-        mcfg = build(ModelConfig, model_values)
+        try:
+            mcfg = build(ModelConfig, model_values)
+        except TLIError as err:
+            raise TLIError(f"{Path(args.resume) / 'train_config.json'}: [model] {err}") from None
+        where = str(Path(args.resume) / "pairs.tsv")
     else:
         preset = train_values(args.preset, "--preset") if args.preset else {}
         cfg = build(TrainConfig, preset, overrides_from_args(TrainConfig, args))
@@ -86,27 +100,32 @@ def run(args: argparse.Namespace) -> int:
         config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
         return print_plan([train_stage(mcfg, config, cfg)], mcfg.device)
     ensure_writable_dir(out_dir)
+    check_out_dir(out_dir, resume=args.resume is not None)
     card = None  # a resume reuses the card facts train_config.json recorded
     if pairs is None:
         sets = pair_sets(args)
-        pairs = sets.trained
+        pairs, where = sets.trained, sets.where
         card = {
             "languages": list(sets.languages),
             "data": sets.summary(),
             "command": "tli " + shlex.join(str(a) for a in args.argv),
         }
+    check_loadable(mcfg)
     _, config = load_config(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
     depth = load_depth(cfg, surgery.num_layers(config))
-    loaded = load_model(mcfg, max_layer=depth, lm_head=False)  # training never uses it
-    result = train(
-        loaded,
-        pairs,
-        cfg,
-        out_dir,
-        resume=args.resume is not None,
-        model_config=to_dict(mcfg),
-        card=card,
-    )
+    check_trainable(cfg, meta_model(mcfg, max_layer=depth), pairs, where)
+    with locked_dir(out_dir, "train"):
+        check_out_dir(out_dir, resume=args.resume is not None)  # again, with the lock held
+        loaded = load_model(mcfg, max_layer=depth, lm_head=False)  # training never uses it
+        result = train(
+            loaded,
+            pairs,
+            cfg,
+            out_dir,
+            resume=args.resume is not None,
+            model_config=to_dict(mcfg),
+            card=card,
+        )
     print(
         f"trained {result.steps} steps in {result.seconds:.1f} s "
         f"({result.steps / max(result.seconds, 1e-9):.2f} steps/s), final loss "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tli.config import build, check_range, read_toml, to_dict
+from tli.config import MAX_BATCH, build, check_range, check_seed, read_toml, to_dict
 from tli.errors import TLIError
 from tli.evaluate import EvalConfig
 from tli.io import expand_user
@@ -61,9 +61,17 @@ class PairsConfig:
         default=0.1, metadata={"help": "share of pairs held out as control (paper: 63/686)"}
     )
     split_seed: int = field(default=0, metadata={"help": "seed of the split"})
+    allow_overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "accept control pairs that share a headword, root, stem or gloss with "
+            "trained pairs (one warning instead of an error; tli's own split never has any)"
+        },
+    )
 
     def __post_init__(self) -> None:
         check_range("pairs.control_fraction", self.control_fraction, 0.0, 0.9, lo_open=True)
+        check_seed("pairs.split_seed", self.split_seed)
         for name in ("file", "control"):
             value = getattr(self, name)
             if isinstance(value, str) and (not value.strip() or "\0" in value):
@@ -85,7 +93,8 @@ class FigureConfig:
     seed: int = field(default=0, metadata={"help": "seed of the t-SNE sample and fit"})
 
     def __post_init__(self) -> None:
-        check_range("figures.tsne_pairs", self.tsne_pairs, 4)
+        check_range("figures.tsne_pairs", self.tsne_pairs, 4, MAX_BATCH)
+        check_seed("figures.seed", self.seed)
 
 
 #: Sections of the run config: TOML table name -> config class.
@@ -182,6 +191,26 @@ def resolve_config(*layers: dict[str, Any], where: str = "config") -> RunConfig:
         except TLIError as err:
             raise TLIError(f"{where}: [{name}] {err}") from None
     return RunConfig(**kwargs)
+
+
+def resolve_sources(*sources: tuple[str, dict[str, Any]]) -> RunConfig:
+    """:func:`resolve_config` of ``(where, mapping)`` layers; an error names the layer at fault.
+
+    The layer blamed is the first one that, with the layers before it, already gives the error:
+    a bad ``--set`` is reported as ``command line``, a bad key in the file as the file.
+    """
+    layers = [layer for _, layer in sources]
+    try:
+        return resolve_config(*layers, where="")
+    except TLIError as err:
+        problem = str(err).removeprefix(": ")
+    for k, (where, _) in enumerate(sources, start=1):
+        try:
+            resolve_config(*layers[:k], where="")
+        except TLIError as err:
+            if str(err).removeprefix(": ") == problem:
+                raise TLIError(f"{where}: {problem}") from None
+    raise TLIError(f"{sources[-1][0]}: {problem}")  # pragma: no cover (the full list fails)
 
 
 def load_run_config(path: Path | str, overrides: dict[str, Any] | None = None) -> RunConfig:
