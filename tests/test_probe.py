@@ -678,6 +678,6 @@ def test_cli_probe_rank_writes_the_ranking(model_dir, random_adapter, tmp_path, 
     stdout = capsys.readouterr().out
     assert "LM ranking (1-shot, base model): control s2t P@1" in stdout
     assert ProbeResult.load(out).rank["scores"][0]["n"] == len(CONTROL)
-    # a probe without --rank in the same directory removes the stale ranking
-    assert main([*argv, "--pairs", str(pairs)]) == 0
+    # a probe without --rank replacing this one leaves no stale ranking
+    assert main([*argv, "--pairs", str(pairs), "--overwrite"]) == 0
     assert not (out / RANK_JSON).exists() and ProbeResult.load(out).rank == {}
