@@ -25,12 +25,13 @@ from tli.evaluate import (
 )
 from tli.metrics import RETRIEVALS
 from tli.models import ModelConfig, load_model
-from tli.pairs import write_pairs
+from tli.pairs import gold_mask, write_pairs
 from tli.verdict import VERDICTS
 
 from conftest import (
     EVAL_CONTROL,
     EVAL_TRAINED,
+    PNG_MAGIC,
     assert_one_line_error,
     eval_pair_files,
     eval_set_args,
@@ -208,8 +209,41 @@ def test_end_to_end_writes_every_file(base, adapter_dir, tiny_model_dir, tmp_pat
             assert tensors[f"{name}.{key}"].shape == (n, 32)
     cos = (tensors["trained.post.source.layer4"] * tensors["trained.post.target.layer4"]).sum(-1)
     assert cos.double().numpy() == pytest.approx(result.cosines["trained"]["post"][4], abs=1e-5)
+    # the frozen yardsticks of the base model: the final layer's equal a fit on the saved vectors
+    from tli.yardsticks import fit_procrustes, score_set
+
+    yard = data["yardsticks"]
+    assert yard["fit_set"] == "trained" and yard["n_fit"] == len(TRAINED)
+    assert yard["in_sample"] == ["trained"] and yard["absent"] == {}
+    w = fit_procrustes(tensors["trained.pre.source.layer4"], tensors["trained.pre.target.layer4"])
+    for name in ("trained", "control"):
+        src, tgt = tensors[f"{name}.pre.source.layer4"], tensors[f"{name}.pre.target.layer4"]
+        gold = gold_mask(TRAINED if name == "trained" else CONTROL)
+        want = score_set(src[None], tgt[None], gold, w[None])
+        for key in ("p_at_1_s2t_procrustes_csls", "mrr_t2s_procrustes_nn", "p_at_1_s2t_centered"):
+            assert yard["sets"][name][key][4] == pytest.approx(want[key][0]), (name, key)
+            assert len(yard["sets"][name][key]) == 5
+    assert "## Frozen yardsticks" in md and "| control | s→t | " in md
+    # do no harm: the bundled texts' perplexity, base equal to the base model's own
+    from tli.perplexity import load_texts, perplexity, sentence_nll
+
+    harm = data["perplexity"]
+    assert harm["enabled"] is True and list(harm["sets"]) == ["sw", "en"]
+    for code, texts in load_texts().items():
+        got = harm["sets"][code]
+        assert got["n_sentences"] == len(texts) and got["name"] in ("Swahili", "English")
+        assert got["base"] == pytest.approx(
+            perplexity(*sentence_nll(base.model, base.tokenizer, texts))
+        )
+        assert got["lo"] <= got["change"] <= got["hi"]
+        assert got["tuned"] == pytest.approx(got["base"] * (1 + got["change"]))
+    assert result.summary_lines()[-1].startswith(
+        "do no harm (95% paired bootstrap CI): Swahili perplexity "
+    )
+    assert "## Do no harm: perplexity on everyday texts" in md and "| Swahili | 124 |" in md
     # read back
     loaded = EvalResult.load(out)
+    assert loaded.yardsticks == result.yardsticks and loaded.perplexity == result.perplexity
     assert loaded.markdown() == result.markdown()
     assert loaded.to_csv() == result.to_csv()
     assert loaded.verdicts == result.verdicts
@@ -246,6 +280,12 @@ def test_zero_adapter_warns_that_nothing_changed(base, adapter_dir, tmp_path):
     result = evaluate(base, zero, {"trained": TRAINED}, QUICK)
     assert any("unchanged" in w for w in result.warnings)
     assert result.verdict("trained").code == "none"
+    # the same model twice: the perplexity change is exactly zero
+    assert "Swahili perplexity +0.0% [+0.0, +0.0]" in result.harm_line()
+    assert "English perplexity +0.0% [+0.0, +0.0]" in result.harm_line()
+    # no control set: the held-out yardsticks are absent, and the outputs say why
+    assert "no control set" in result.yardsticks["absent"]["control"]
+    assert "absent (control): no control set" in result.markdown()
 
 
 # --- the command line ------------------------------------------------------------------------
@@ -263,9 +303,54 @@ def test_cli_end_to_end(run_cli, adapter_dir, tmp_path):
     lines = stdout.splitlines()
     assert lines[0].startswith("trained (layer 4): ") and lines[1].startswith("control (layer 4): ")
     assert any(line.startswith("| trained | 9 | ") for line in lines)
-    assert "wrote" in lines[-1]
+    assert "wrote" in lines[-1] and "yardsticks.png" in lines[-1]
+    assert lines[2].startswith("do no harm (95% paired bootstrap CI): Swahili perplexity ")
     data = json.loads((out / "evaluation.json").read_text())
     assert data["config"]["n_boot"] == 50 and data["config"]["n_examples"] == 2
+    assert (out / "yardsticks.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_cli_perplexity_off_and_user_texts(run_cli, adapter_dir, tmp_path):
+    trained, control = eval_pair_files(tmp_path)
+    common = ["evaluate", "--adapter", adapter_dir, "--pairs", trained, "--control", control,
+              "--n-boot", 20, "--n-examples", 1]  # fmt: skip
+    code, stdout, err = run_cli(*common, "--out", tmp_path / "off", "--no-perplexity")
+    assert code == 0, err
+    assert "do no harm: perplexity not measured (turned off" in stdout
+    data = json.loads((tmp_path / "off" / "evaluation.json").read_text())
+    assert data["perplexity"] == {"enabled": False, "reason": data["perplexity"]["reason"]}
+    assert "Not measured: turned off" in (tmp_path / "off" / "evaluation.md").read_text()
+    mine = tmp_path / "kitchen.txt"
+    mine.write_text("Maji ni baridi leo.\n\nMtoto anacheza nje.\n", encoding="utf-8")
+    code, stdout, err = run_cli(*common, "--out", tmp_path / "on", "--texts", f"Jiko={mine}")
+    assert code == 0, err
+    harm = json.loads((tmp_path / "on" / "evaluation.json").read_text())["perplexity"]
+    assert list(harm["sets"]) == ["sw", "en", "Jiko"]
+    assert harm["sets"]["Jiko"]["n_sentences"] == 2 and harm["sets"]["Jiko"]["source"] == str(mine)
+    assert "Jiko perplexity " in stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        ("nope.txt", ["nope.txt", "no such file"]),
+        ("empty.txt", ["empty.txt", "no sentence"]),
+        ("Swahili=other.txt", ["the name 'Swahili' is taken"]),
+    ],
+)
+def test_cli_bad_text_files_fail_before_the_model_loads(
+    run_cli, adapter_dir, tmp_path, spec, needles, monkeypatch
+):
+    import tli.models
+
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "other.txt").write_text("Habari.\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tli.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    code, _, err = run_cli(
+        "evaluate", "--adapter", adapter_dir, *eval_set_args(tmp_path), "--texts", spec
+    )
+    assert_one_line_error(code, err, *needles)
 
 
 @pytest.mark.parametrize(

@@ -44,3 +44,29 @@ def test_shared_prefix_cache_gives_the_plain_outputs(model_type, overrides):
     plain = generate(model, tok, prompts, max_new_tokens=4, batch_size=8)
     cached = generate(model, tok, prompts, max_new_tokens=4, batch_size=8, prefix_chars=chars)
     assert cached == plain
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides"),
+    [("llama", {}), ("gemma3_text", {"final_logit_softcapping": 3.0})],  # a cap that bites
+)
+def test_continuation_scores_match_full_sequences(model_type, overrides):
+    """The cached, batched scoring (ported from scripts/lm_ceiling.py) equals scoring each whole
+    sequence on its own, the LM head's soft-capping included."""
+    import torch
+
+    from tli.generate import continuation_scores
+
+    model, tok = tiny_model(model_type, **overrides), tiny_tokenizer()
+    prefix, cands = "sw: jicho\nen:", [" eye", " a hand", " ox"]
+    with torch.no_grad():
+        got = continuation_scores(model, tok, prefix, cands, batch_size=2)  # two batches
+        want = []
+        n = len(tok(prefix).input_ids)
+        for c in cands:
+            ids = tok(prefix + c, return_tensors="pt").input_ids
+            logp = model(ids).logits.float().log_softmax(-1)[0, n - 1 : -1]
+            want.append(logp.gather(1, ids[0, n:, None]).mean())
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no tokens"):
+        continuation_scores(model, tok, prefix, [""])

@@ -62,7 +62,8 @@ def finished_run(tiny_model_dir, small_pairs, tmp_path_factory):
 def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, small_pairs, tmp_path,
                                                              capsys):
     out = tmp_path / "run"
-    assert main(quick_run_argv(tiny_model_dir, small_pairs, out)) == 0
+    rank = ["--set", "probe.rank=true", "--set", "probe.rank_n=3"]  # the LM ranking, alone
+    assert main(quick_run_argv(tiny_model_dir, small_pairs, out, *rank)) == 0
     stdout = capsys.readouterr().out
     assert "trained (layer" in stdout and "control (layer" in stdout
     assert "geometry " in stdout and "retrieval " in stdout and "collapse flag" in stdout
@@ -71,15 +72,26 @@ def test_end_to_end_on_a_tiny_model_with_warnings_as_errors(tiny_model_dir, smal
                  "train/train_log.csv", "eval/evaluation.json", "eval/evaluation.md",
                  "eval/pairs.csv", "figures/scan.png", "figures/tsne_pre.png",
                  "figures/tsne_post.png", "figures/layers.png", "figures/change_hist.png",
-                 "figures/training.png", "train/final/README.md"):
+                 "figures/training.png", "train/final/README.md",
+                 "figures/yardsticks.png", "probe/probe_rank.json", "probe/probe_rank.md"):
         assert (out / name).exists(), name
     env = json.loads((out / "environment.json").read_text())
     assert {"python", "packages", "git_commit", "seeds", "device", "time"} <= env.keys()
     assert {"torch", "transformers", "peft", "accelerate"} <= env["packages"].keys()
     assert not (out / "run.lock").exists()
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 6 and 'src="figures/' not in html
+    assert html.count("data:image/png;base64,") == 7 and 'src="figures/' not in html
     md = (out / "report.md").read_text()
+    # the yardstick figure and the do-no-harm line lead the report, before the verdicts
+    lead = md.index("## Yardsticks and do no harm")
+    assert lead < md.index("![Yardsticks: P@1") < md.index("## Verdicts")
+    harm = md.index("do no harm (95% paired bootstrap CI): Swahili perplexity")
+    assert lead < harm < md.index("## Verdicts")
+    rank = md.index("LM ranking (4-shot, base model): control s2t P@1 ")
+    assert harm < rank < md.index("## Verdicts")
+    assert lead < md.index("| control | s→t | ") < md.index("## Verdicts")
+    assert "do no harm (95% paired bootstrap CI)" in stdout
+    assert not (out / "probe" / "probe.json").exists()  # enabled is off: the ranking ran alone
     assert "Table 1" in md and "Table 2" in md and "Verdicts" in md
     assert "| Set | N | Geometry: margin change [95% CI] | detects |" in md
     assert "## Retrieval: nearest neighbour, CSLS and centred (final layer)" in md
@@ -97,7 +109,9 @@ def test_plot_redraws_every_figure_from_the_run_directory_alone(finished_run, ca
         p.unlink()
     assert main(["plot", str(finished_run)]) == 0
     after = {p.name: p.read_bytes() for p in sorted((finished_run / "figures").glob("*.png"))}
-    assert after.keys() == before.keys() and len(after) == 6
+    assert after.keys() == before.keys() and len(after) == 7
+    md = (finished_run / "report.md").read_text()
+    assert "LM ranking: absent (it did not run" in md
     assert after == before  # seeded t-SNE, same results: the same pictures
 
 
@@ -595,11 +609,20 @@ def test_run_config_paths_are_absolute(capsys, monkeypatch, tmp_path, inputs, ti
     shutil.copy(inputs / "pairs.tsv", "pairs.tsv")
     shutil.copy(inputs / "split.tsv", "control.tsv")
     os.symlink(tiny_model_dir, "model")
+    Path("home.txt").write_text("Nyumba yetu ni ndogo.\n", encoding="utf-8")
+    Path("food.txt").write_text("Chakula ni tayari.\n", encoding="utf-8")
     with pytest.raises(Stop):
         main(["run", "--model", "model", "--pairs", "pairs.tsv", "--set",
-              'pairs.control="control.tsv"', "--set", "pairs.allow_overlap=true",
-              "--out", "rel"])  # fmt: skip
+              'pairs.control="control.tsv"', "--set", "pairs.allow_overlap=true", "--set",
+              'evaluate.texts=["Home=home.txt", "food.txt"]', "--out", "rel"])  # fmt: skip
     cfg = load_run_config(tmp_path / "rel" / "config.toml")
+    assert cfg.evaluate.texts == (f"Home={tmp_path / 'home.txt'}", f"food={tmp_path / 'food.txt'}")
+    # a missing text file stops a run before its directory exists
+    code = main(["run", "--model", "model", "--pairs", "pairs.tsv", "--set",
+                 'evaluate.texts=["gone.txt"]', "--out", "never"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "gone.txt: " in err and "no such file" in err
+    assert not Path("never").exists()
     assert cfg.pairs.file == str(tmp_path / "pairs.tsv")
     assert cfg.pairs.control == str(tmp_path / "control.tsv")
     assert cfg.model.name == str(Path(tiny_model_dir).resolve())

@@ -553,3 +553,131 @@ def test_unscored_probe_removes_stale_scores(model_dir, random_adapter, tmp_path
     probe(loaded, random_adapter, SETS, ProbeConfig(**FAST), out)
     assert not (out / SCORES_JSON).exists() and not (out / SCORES_MD).exists()
     assert probe_summary_line(out).startswith("Probe: ")
+
+
+# --- the LM-ranking yardstick ----------------------------------------------------------------
+
+
+def test_lm_rank_scores_every_candidate_of_the_set(model_dir, tmp_path):
+    import torch
+
+    from tli.generate import continuation_scores
+    from tli.metrics import retrieval
+    from tli.pairs import gold_mask
+    from tli.probe import RANK_JSON, RANK_MD, lm_rank, load_rank
+
+    loaded = load_model(ModelConfig(str(model_dir)))
+    cfg = ProbeConfig(shots=2, rank_sets=("trained", "control"), rank_directions=("s2t", "t2s"))
+    out = lm_rank(loaded, SETS, cfg, tmp_path)
+    assert {(r["set"], r["direction"]) for r in out["scores"]} == {
+        (s, d) for s in ("trained", "control") for d in ("s2t", "t2s")
+    }
+    for row in out["scores"]:
+        pairs = SETS[row["set"]]
+        assert row["n"] == row["n_candidates"] == len(pairs)
+        items = [
+            i for i in out["items"] if (i["set"], i["direction"]) == (row["set"], row["direction"])
+        ]
+        gold = gold_mask(pairs) if row["direction"] == "s2t" else gold_mask(pairs).T
+        cands = [p.target if row["direction"] == "s2t" else p.source for p in pairs]
+        raw = []
+        for item in items:  # recompute each item's scores by hand: one prompt, every candidate
+            word = item["word"]
+            assert item["shots"] and word not in {w for s in item["shots"] for w in s}
+            assert item["gold"] == gold[item["index"]].nonzero().flatten().tolist()
+            raw.append(
+                continuation_scores(
+                    loaded.model, loaded.tokenizer, item["prompt"], [" " + c for c in cands]
+                )
+            )
+        want = retrieval(torch.stack(raw), gold[[i["index"] for i in items]])
+        assert row["p_at_1_raw"] == pytest.approx(float(want["p_at_1"]))
+        assert row["mrr_raw"] == pytest.approx(float(want["mrr"]))
+        assert [i["rank_raw"] for i in items] == want["rank"].tolist()
+        assert row["hits_raw"] == sum(i["rank_raw"] == 1 for i in items)
+        assert row["p_at_1_raw_lo"] <= row["p_at_1_raw"] <= row["p_at_1_raw_hi"]
+        assert 0 < row["chance"] < 1
+    # the shots never hold the item: every prompt asks a word that no shot line holds
+    for item in out["items"]:
+        shot_lines = item["prompt"].split("\n")[1:-2]  # header, shots | question
+        assert not any(line.endswith(f": {item['word']}") for line in shot_lines)
+    assert (tmp_path / RANK_MD).read_text().startswith("# LM ranking")
+    assert load_rank(tmp_path)["scores"] == json.loads((tmp_path / RANK_JSON).read_text())["scores"]
+    assert load_rank(tmp_path / "nothing") is None
+    (tmp_path / RANK_JSON).write_text('{"config": {}, "stage": "probe"}')
+    with pytest.raises(TLIError, match="not a tli LM ranking"):
+        load_rank(tmp_path)
+
+
+def test_lm_rank_calibration_subtracts_the_content_free_prompt(model_dir, monkeypatch):
+    import torch
+
+    import tli.generate
+    from tli.probe import CONTENT_FREE, lm_rank
+
+    def fake(model, tokenizer, prompt, continuations, **kwargs):
+        if prompt.endswith(f"{CONTENT_FREE}\nEnglish:"):  # the prior: frequent words score high
+            return torch.tensor([5.0 if c == " child" else 0.0 for c in continuations])
+        # raw: "child" wins everywhere by 1, the gold by 0.5
+        asked = prompt.rsplit("Swahili: ", 1)[1].split("\n")[0]
+        gold = {p.source: p.target for p in SETS["trained"]}[asked]
+        return torch.tensor(
+            [1.0 if c == " child" else 0.5 if c == " " + gold else 0.0 for c in continuations]
+        )
+
+    monkeypatch.setattr(tli.generate, "continuation_scores", fake)
+    loaded = load_model(ModelConfig(str(model_dir)))
+    cfg = ProbeConfig(shots=2, rank_sets=("trained",))
+    out = lm_rank(loaded, SETS, cfg, languages=("Swahili", "English"))
+    (row,) = out["scores"]
+    n = len(SETS["trained"])
+    assert row["hits_raw"] == 1  # only the item whose gold is "child"
+    assert row["hits_calibrated"] == n - 1  # "child" falls to 1 - 5; every other gold wins
+    assert row["p_at_1_calibrated"] == pytest.approx((n - 1) / n)
+
+
+def test_lm_rank_needs_a_ranked_set_and_rejects_bad_settings(model_dir):
+    from tli.probe import lm_rank
+
+    loaded = load_model(ModelConfig(str(model_dir)))
+    with pytest.raises(TLIError, match="nothing to rank"):
+        lm_rank(loaded, {"trained": TRAINED}, ProbeConfig(shots=1))  # no control set
+    with pytest.raises(TLIError, match="rank_directions"):
+        ProbeConfig(rank_directions=("up",))
+    with pytest.raises(TLIError, match="rank_n"):
+        ProbeConfig(rank_n=-1)
+
+
+def test_cli_probe_rank_writes_the_ranking(model_dir, random_adapter, tmp_path, capsys):
+    from tli.probe import RANK_JSON, ProbeResult
+
+    out = tmp_path / "p"
+    argv = [
+        "probe",
+        "--adapter",
+        str(random_adapter),
+        "--model",
+        str(model_dir),
+        "--out",
+        str(out),
+        "--n",
+        "1",
+        "--shots",
+        "1",
+        "--max-new-tokens",
+        "2",
+    ]
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text(
+        "swahili\tenglish\tsplit\n"
+        + "".join(f"{p.source}\t{p.target}\ttrained\n" for p in TRAINED)
+        + "".join(f"{p.source}\t{p.target}\tcontrol\n" for p in CONTROL),
+        encoding="utf-8",
+    )
+    assert main([*argv, "--pairs", str(pairs), "--rank"]) == 0
+    stdout = capsys.readouterr().out
+    assert "LM ranking (1-shot, base model): control s2t P@1" in stdout
+    assert ProbeResult.load(out).rank["scores"][0]["n"] == len(CONTROL)
+    # a probe without --rank replacing this one leaves no stale ranking
+    assert main([*argv, "--pairs", str(pairs), "--overwrite"]) == 0
+    assert not (out / RANK_JSON).exists() and ProbeResult.load(out).rank == {}

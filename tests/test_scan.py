@@ -119,6 +119,41 @@ def test_cli_scan_writes_every_layer_for_both_sets(run_cli, tiny_model_dir, pair
     assert f"chosen layer (*): {data['chosen_layer']}" in stdout
     assert "trained (8 pairs" in stdout and "control (4 pairs" in stdout
     assert "next best (+)" in stdout
+    # the frozen yardsticks: in the CSV per layer, in the JSON, in the printed table
+    yard = data["yardsticks"]
+    assert yard["fit_set"] == "trained" and yard["n_fit"] == 8 and yard["absent"] == {}
+    for name in ("trained", "control"):
+        for metric in (
+            "p_at_1_s2t_procrustes_csls",
+            "mrr_t2s_procrustes_nn",
+            "p_at_1_s2t_centered",
+        ):
+            got = [
+                float(r["value"])
+                for r in rows
+                if r["set"] == name and r["metric"] == "yardstick_" + metric
+            ]
+            assert got == yard["sets"][name][metric] and len(got) == N + 1
+        # the map-free centred yardstick is the scan's own centred retrieval
+        assert (
+            yard["sets"][name]["p_at_1_t2s_centered"] == data["sets"][name]["p_at_1_t2s_centered"]
+        )
+    assert "frozen yardsticks (Procrustes fitted on the 8 trained pairs" in stdout
+    assert "trained (in-sample: the map was fitted on these pairs)" in stdout
+    assert stdout.count("best s→t: ") == 2 and stdout.count("best t→s: ") == 2
+
+
+def test_scan_without_control_set_says_the_yardstick_is_absent(run_cli, tiny_model_dir, tmp_path):
+    trained = write_pairs_tsv(tmp_path / "t.tsv", TRAINED, split=False)
+    out = tmp_path / "out"
+    code, stdout, _ = run_cli(
+        "scan", "--model", tiny_model_dir, "--pairs", trained, "--out", out, "--n-boot", "20"
+    )
+    assert code == 0
+    yard = ScanResult.load(out).yardsticks
+    assert set(yard["sets"]) == {"trained"}
+    assert "no control set" in yard["absent"]["control"]
+    assert "yardstick absent (control): no control set" in stdout
 
 
 def test_cli_control_file_gives_the_control_set(run_cli, tiny_model_dir, tmp_path):

@@ -73,6 +73,7 @@ from tli.metrics import (
 )
 from tli.pairs import check_sets, gold_mask
 from tli.verdict import Verdict, VerdictFigures, decide
+from tli.yardsticks import from_json as yardsticks_from_json
 
 log = logging.getLogger("tli")
 
@@ -83,6 +84,8 @@ CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME = (
     "evaluation.md",
     "vectors.safetensors",
 )
+#: The yardstick figure (:func:`tli.plots.plot_yardsticks`), beside the evaluation's files.
+YARDSTICKS_PNG = "yardsticks.png"
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,26 @@ class EvalConfig:
             "the paper shows 8 hand-picked rows"
         },
     )
+    perplexity: bool = field(
+        default=True,
+        metadata={
+            "help": "do no harm: per-token perplexity of the base and the adapted model on the "
+            "bundled Swahili and English sentences (and --texts files), with a paired bootstrap "
+            "CI of the change (docs/perplexity.md; not in the paper). Off (--no-perplexity) "
+            "saves two passes of the full model over the texts; the output then says so"
+        },
+    )
+    texts: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "more text files for the perplexity check, comma-separated, each NAME=PATH "
+            "or PATH (named by its stem); one sentence per line, UTF-8"
+        },
+    )
+    perplexity_batch_size: int = field(
+        default=8,
+        metadata={"help": "sentences per forward pass of the perplexity check (bounds B x T x V)"},
+    )
 
     def __post_init__(self) -> None:
         check_one_of("pooling", self.pooling, POOLINGS)
@@ -155,11 +178,19 @@ class EvalConfig:
         check_int("csls_k", self.csls_k, 1, MAX_BATCH)
         check_int("n_examples", self.n_examples, 0, MAX_BATCH)
         check_seed("seed", self.seed)
+        check_int("perplexity_batch_size", self.perplexity_batch_size, 1, MAX_BATCH)
         check_unit("level", self.level)
         check_unit("alpha", self.alpha)
         check_range("collapse_ratio", self.collapse_ratio, 0.0, 100.0, lo_open=True)
         check_range("min_effect", self.min_effect, 0.0, 1.0)
         check_one_of("verdict_retrieval", self.verdict_retrieval, RETRIEVALS)
+        if not isinstance(self.perplexity, bool):
+            raise TLIError(f"perplexity must be true or false, got {self.perplexity!r}")
+        texts = tuple(self.texts)
+        object.__setattr__(self, "texts", texts)
+        for spec in texts:
+            if not isinstance(spec, str) or not spec.strip():
+                raise TLIError(f"texts must be file paths (NAME=PATH or PATH), got {spec!r}")
 
 
 # --- pure functions ---------------------------------------------------------------------------
@@ -317,6 +348,10 @@ class EvalResult:
         warnings: Doubts about the evaluation (also logged).
         timings: Seconds per step, and ``total_s``.
         vectors: Tensors for ``vectors.safetensors`` (not read back by :meth:`load`).
+        yardsticks: The frozen yardsticks of the base model per set and layer
+            (:func:`tli.yardsticks.frozen_yardsticks`); empty in evaluations of older tli.
+        perplexity: The do-no-harm check: ``enabled``, ``reason`` (why it is off) and ``sets``
+            (key -> :func:`tli.perplexity.perplexity_change` plus ``name`` and ``source``).
         languages: The source and target language names, for labels.
     """
 
@@ -334,6 +369,8 @@ class EvalResult:
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     vectors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    yardsticks: dict[str, Any] = field(default_factory=dict)
+    perplexity: dict[str, Any] = field(default_factory=dict)
     languages: tuple[str, str] = ("source", "target")
 
     @property
@@ -363,6 +400,16 @@ class EvalResult:
         """One ``set (layer L): label: figures`` line per set."""
         layer = self.headline_layer if layer is None else layer
         return [self.verdict(name, layer).line(name, layer) for name in self.sets]
+
+    def harm_line(self) -> str:
+        """The do-no-harm line: each text set's perplexity change, or why it was not measured."""
+        from tli.perplexity import summary_line
+
+        return summary_line(self.perplexity)
+
+    def summary_lines(self) -> list[str]:
+        """The verdict lines at the final layer, then the do-no-harm line."""
+        return [*self.verdict_lines(), self.harm_line()]
 
 
     # --- tables ---------------------------------------------------------------------------
@@ -464,6 +511,8 @@ class EvalResult:
             "mismatched_change": {name: list(v) for name, v in self.mismatched.items()},
             "warnings": list(self.warnings),
             "timings": dict(self.timings),
+            "perplexity": self.perplexity,
+            "yardsticks": self.yardsticks,
             "sets": self.sets,
         }
 
@@ -561,6 +610,8 @@ class EvalResult:
                 },
                 warnings=list(data.get("warnings", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
+                yardsticks=yardsticks_from_json(data.get("yardsticks")),
+                perplexity=dict(data.get("perplexity") or {}),
                 languages=tuple(data.get("languages", ("source", "target"))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -620,6 +671,48 @@ def _training_pair_warnings(info: AdapterInfo, sets: Mapping[str, Sequence[Any]]
             f"training pairs ({path})"
         )
     return out
+
+
+def _harm_texts(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
+    """The texts of the do-no-harm check (:func:`tli.perplexity.text_sets`); none when it is off."""
+    from tli.perplexity import text_sets
+
+    return text_sets(cfg.texts) if cfg.perplexity else {}
+
+
+def _harm(
+    texts: Mapping[str, Mapping[str, Any]],
+    base: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    tuned: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """What ``evaluation.json`` records of the do-no-harm check."""
+    from tli.perplexity import perplexity_change
+
+    if not cfg.perplexity:
+        return {"enabled": False, "reason": "turned off (--no-perplexity / perplexity = false)"}
+    sets = {}
+    for key, item in texts.items():
+        change = perplexity_change(
+            base[key], tuned[key], n_boot=cfg.n_boot, seed=cfg.seed, level=cfg.level
+        )
+        sets[key] = {"name": item["name"], "source": item["source"], **change}
+    return {"enabled": True, "sets": sets}
+
+
+def _yardsticks(
+    vectors: torch.Tensor,
+    sets: Mapping[str, Sequence[Any]],
+    where: Mapping[str, int],
+    cfg: EvalConfig,
+) -> dict[str, Any]:
+    """The frozen yardsticks of the base model's vectors ``(L, S, D)`` (:mod:`tli.yardsticks`)."""
+    from tli.yardsticks import frozen_yardsticks
+
+    src = {name: vectors[:, [where[p.source] for p in pairs]] for name, pairs in sets.items()}
+    tgt = {name: vectors[:, [where[p.target] for p in pairs]] for name, pairs in sets.items()}
+    golds = {name: gold_mask(pairs) for name, pairs in sets.items()}
+    return frozen_yardsticks(src, tgt, golds, csls_k=cfg.csls_k, level=cfg.level)
 
 
 def evaluate(
@@ -682,6 +775,7 @@ def evaluate(
         )
     if not info.meta:
         notes.append(f"adapter {info.dir} has no {ADAPTER_META}: its training layer is unknown")
+    harm_texts = _harm_texts(cfg)
     if out_dir is not None:
         from tli.io import ensure_dir
 
@@ -706,11 +800,23 @@ def evaluate(
             batch_size=cfg.batch_size,
         )  # (L, S, D)
 
+    def nll(model: torch.nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        from tli.perplexity import sentence_nll
+
+        return {
+            key: sentence_nll(
+                model, base.tokenizer, item["texts"], batch_size=cfg.perplexity_batch_size
+            )
+            for key, item in harm_texts.items()
+        }
+
     reused = base_vectors is not None and base_vectors.matches(
         base.model, texts, layers, cfg.pooling, cfg.batch_size
     )
     pre_vectors = base_vectors.vectors if reused else run(base.model)
     embedded_pre = time.perf_counter()
+    base_nll = nll(base.model)
+    scored_pre = time.perf_counter()
     if is_quantized(base.model):
         # Merging into 4-bit weights re-quantizes them, so every post figure would carry
         # rounding error unrelated to training (docs/evaluation.md): run the adapter unmerged.
@@ -718,6 +824,8 @@ def evaluate(
         with attached(base, info, "evaluated") as tuned:
             merged_at = time.perf_counter()
             post_vectors = run(tuned)
+            embedded_post = time.perf_counter()
+            tuned_nll = nll(tuned)
         restored = True
     else:
         applied = "merged (merge_and_unload)"
@@ -725,9 +833,11 @@ def evaluate(
         merged_at = time.perf_counter()
         try:
             post_vectors = run(merged.model)
+            embedded_post = time.perf_counter()
+            tuned_nll = nll(merged.model)
         finally:
             restored = merged.restore()
-    embedded_post = time.perf_counter()
+    scored_post = time.perf_counter()
     if not restored:
         notes.append(
             f"the base model {base.name!r} now holds the merged weights (4-bit weights or "
@@ -759,6 +869,8 @@ def evaluate(
             for layer in saved_layers:
                 vectors[f"{name}.{state}.source.layer{layer}"] = s[layer].clone()
                 vectors[f"{name}.{state}.target.layer{layer}"] = t[layer].clone()
+    yardsticks = _yardsticks(pre_vectors, sets, where, cfg)
+    perplexity = _harm(harm_texts, base_nll, tuned_nll, cfg)
     computed = time.perf_counter()
     for note in notes:
         log.warning("%s", note)
@@ -778,13 +890,17 @@ def evaluate(
         timings={
             "check_s": checked - start,
             "embed_pre_s": embedded_pre - checked,
-            "merge_s": merged_at - embedded_pre,
+            "perplexity_pre_s": scored_pre - embedded_pre,
+            "merge_s": merged_at - scored_pre,
             "embed_post_s": embedded_post - merged_at,
-            "metrics_s": computed - embedded_post,
+            "perplexity_post_s": scored_post - embedded_post,
+            "metrics_s": computed - scored_post,
             "n_strings": float(len(texts)),
             "base_vectors_reused": float(reused),
         },
         vectors=vectors,
+        yardsticks=yardsticks,
+        perplexity=perplexity,
         languages=(str(languages[0]), str(languages[1])),
     )
     result.timings["total_s"] = computed - start

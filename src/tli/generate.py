@@ -5,7 +5,8 @@ prompts are generated greedily in batches grouped by token length (left-padded, 
 the attention mask), and prompts that share a prefix (a few-shot header and its shots) run that
 prefix once and copy its KV cache into each batch. :func:`generate` returns the continuations;
 :func:`generate_answers` stops each row at the end of its first non-blank line and says whether
-the token limit cut it.
+the token limit cut it. :func:`continuation_scores` ranks given continuations of one prompt by
+their mean token log-probability (the LM-ranking yardstick of ``tli probe --rank``).
 """
 
 from __future__ import annotations
@@ -318,3 +319,72 @@ def generate_answers(
         prefix_chars=prefix_chars,
     )
     return [(text, ended or _first_line_done(text)) for text, ended in results]
+
+
+def continuation_scores(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    continuations: Sequence[str],
+    *,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Mean token log-probability of each continuation after one prompt.
+
+    The prompt (with the tokenizer's special tokens) runs once through the decoder without its
+    LM head; its KV cache is copied into each batch of continuations, which are tokenised
+    without special tokens, right-padded and masked. The LM head (and Gemma's final logit
+    soft-capping) runs only at the positions that predict a continuation token, so
+    ``score[j] = mean_k log P(c_jk | prompt, c_j<k)``: the same as scoring each full
+    sequence on its own, up to floating-point rounding (tested).
+
+    Args:
+        model: A causal LM (not peft-wrapped).
+        tokenizer: Its tokenizer.
+        prompt: The shared prompt; the continuations follow it directly (put any separating
+            space at the start of each continuation).
+        continuations: C non-empty strings.
+        batch_size: Continuations per forward pass.
+
+    Returns:
+        Float32 ``(C,)`` mean log-probabilities.
+    """
+    if not continuations:
+        return torch.zeros(0)
+    body = surgery.decoder(model)  # the transformer without its LM head
+    head = surgery.lm_head(model)
+    cap = surgery.logit_softcap(model)
+    device = next(model.parameters()).device
+    pid = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)  # (1, T)
+    ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+    for c, row in zip(continuations, ids, strict=True):
+        if not row:
+            raise ValueError(f"continuation {c!r} has no tokens")
+    keyword = _cache_keyword(model)
+    out = torch.zeros(len(ids))
+    with torch.inference_mode():
+        first = body(input_ids=pid, use_cache=True)  # the prompt once
+        cache = getattr(first, "cache", None) or first.past_key_values
+        last = first.last_hidden_state[:, -1:]  # (1, 1, D): predicts each first token
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            width = max(map(len, chunk))
+            cand = torch.zeros(len(chunk), width, dtype=torch.long, device=device)  # (B, W)
+            mask = torch.zeros(len(chunk), width, device=device)  # (B, W)
+            for j, row in enumerate(chunk):
+                cand[j, : len(row)] = torch.tensor(row)
+                mask[j, : len(row)] = 1
+            rows_cache = copy.deepcopy(cache)
+            rows_cache.batch_repeat_interleave(len(chunk))
+            attn = torch.cat([torch.ones(len(chunk), pid.shape[1], device=device), mask], 1)
+            hidden = body(
+                input_ids=cand, attention_mask=attn, use_cache=True, **{keyword: rows_cache}
+            ).last_hidden_state  # (B, W, D): each candidate's tokens after the prompt
+            # the state that predicts token k is the one after token k-1 (or after the prompt)
+            hidden = torch.cat([last.expand(len(chunk), -1, -1), hidden[:, :-1]], 1)  # (B, W, D)
+            logits = head(hidden).float()  # (B, W, V): only where candidates are read
+            if cap:
+                logits = torch.tanh(logits / cap) * cap
+            logp = logits.log_softmax(-1).gather(2, cand[..., None])[..., 0]  # (B, W)
+            out[start : start + len(chunk)] = ((logp * mask).sum(1) / mask.sum(1)).cpu()
+    return out

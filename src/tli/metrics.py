@@ -142,6 +142,19 @@ def csls(src: torch.Tensor, tgt: torch.Tensor, k: int = 10) -> torch.Tensor:
     return _csls_from_sim(similarity(src, tgt), k)
 
 
+def csls_from_similarity(sim: torch.Tensor, k: int = 10) -> torch.Tensor:
+    """:func:`csls` from a cosine matrix ``(..., B, C)`` already computed (e.g. to reuse it).
+
+    Args:
+        sim: Cosines ``(..., B, C)`` of B queries with C candidates.
+        k: Neighbourhood size; clipped to C for ``r_T`` and to B for ``r_S``.
+
+    Returns:
+        Float64 scores ``(..., B, C)``.
+    """
+    return _csls_from_sim(sim, k)
+
+
 def _csls_from_sim(sim: torch.Tensor, k: int) -> torch.Tensor:
     """CSLS scores ``(..., B, C)`` from a cosine matrix ``(..., B, C)``."""
     if k < 1:

@@ -9,7 +9,9 @@ perplexity with a paired bootstrap CI over sentences (docs/perplexity.md):
 * :func:`sentence_nll` gives each sentence's summed negative log-likelihood and token count;
 * :func:`perplexity` pools them into one per-token perplexity;
 * :func:`perplexity_change` compares two models on the same sentences, with its interval;
-* :func:`format_change` writes the one-line summary ("Swahili perplexity +3.1% [+2.2, +4.0]").
+* :func:`format_change` writes the one-line summary ("Swahili perplexity +3.1% [+2.2, +4.0]");
+* :func:`text_sets` gathers the bundled texts and a user's files (:func:`read_text_file`), and
+  :func:`summary_line` writes the do-no-harm line of ``tli evaluate``'s verdict.
 
 Everything after :func:`sentence_nll` is pure numpy on per-sentence arrays.
 """
@@ -258,3 +260,89 @@ def format_change(language: str, result: dict[str, Any]) -> str:
     """
     change, lo, hi = (_points(result[k]) for k in ("change", "lo", "hi"))
     return f"{language} perplexity {change}% [{lo}, {hi}]"
+
+
+def read_text_file(spec: str) -> tuple[str, str, list[str]]:
+    """A user's text file for the do-no-harm check: ``NAME=PATH`` or ``PATH``.
+
+    The file holds one sentence per line, UTF-8; blank lines are skipped.
+
+    Args:
+        spec: ``NAME=PATH`` (NAME is how the reports name the texts) or a path (named by its
+            file stem).
+
+    Returns:
+        ``(name, path, sentences)``.
+
+    Raises:
+        TLIError: an empty name, a missing or unreadable file, or one without a sentence.
+    """
+    from tli.io import expand_user, read_text
+
+    name, sep, path = spec.partition("=")
+    if not sep:
+        name, path = "", spec
+    name, path = name.strip(), path.strip()
+    if not path:
+        raise TLIError(f"perplexity text {spec!r}: expected NAME=PATH or PATH")
+    name = name or expand_user(path).stem
+    if not name:
+        raise TLIError(f"perplexity text {spec!r}: the texts need a name (NAME=PATH)")
+    lines = [line.strip() for line in read_text(expand_user(path)).splitlines()]
+    sentences = [line for line in lines if line]
+    if not sentences:
+        raise TLIError(f"{path}: no sentence (one sentence per line, UTF-8)")
+    return name, path, sentences
+
+
+def text_sets(files: Sequence[str] = (), *, bundled: bool = True) -> dict[str, dict[str, Any]]:
+    """The texts of the do-no-harm check: the bundled ones, then the user's files.
+
+    Args:
+        files: ``NAME=PATH`` or ``PATH`` specs (:func:`read_text_file`).
+        bundled: Include the bundled Swahili and English sentences (:func:`load_texts`).
+
+    Returns:
+        Key -> ``{"name", "source", "texts"}``: key ``sw`` / ``en`` for the bundled sets (named by
+        :data:`LANGUAGES`), the user's name for a file.
+
+    Raises:
+        TLIError: a bad file, or two sets with one name.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    if bundled:
+        for code, texts in load_texts().items():
+            out[code] = {
+                "name": LANGUAGES[code],
+                "source": f"tli/data/texts_{code}.txt (bundled)",
+                "texts": texts,
+            }
+    names = {v["name"].casefold() for v in out.values()} | {k.casefold() for k in out}
+    for spec in files:
+        name, path, texts = read_text_file(spec)
+        if name.casefold() in names:
+            raise TLIError(
+                f"perplexity text {spec!r}: the name {name!r} is taken; give another (NAME=PATH)"
+            )
+        names.add(name.casefold())
+        out[name] = {"name": name, "source": str(path), "texts": texts}
+    return out
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """The do-no-harm line of a verdict, e.g. ``do no harm: Swahili perplexity +3.1% [...]; ...``.
+
+    Args:
+        results: What ``tli evaluate`` saves under ``perplexity``: ``enabled``, ``reason`` (when
+            off) and ``sets`` (key -> :func:`perplexity_change` plus ``name``).
+    """
+    if not results or not results.get("enabled"):
+        why = (results or {}).get("reason") or "not measured by this evaluation"
+        return f"do no harm: perplexity not measured ({why})"
+    parts = [
+        f"{format_change(r['name'], r)} (base {r['base']:.1f} -> {r['tuned']:.1f}, "
+        f"{r['n_sentences']} sentences)"
+        for r in results["sets"].values()
+    ]
+    pct = int(round(100 * next(iter(results["sets"].values()))["level"])) if parts else 95
+    return f"do no harm ({pct}% paired bootstrap CI): " + "; ".join(parts)

@@ -75,8 +75,9 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
     Top panel: bars of the mean translation-pair cosine per layer and set (the paper's Fig. 1),
     the mismatched-pair baseline drawn over them, the chosen layer as a red dashed line, and
     retrieval P@1 (source -> target, nearest neighbour) with its chance level on a second y
-    axis. Bottom panel: the margin (pairs minus baseline) with its bootstrap CI, and the centred
-    margin when the scan computed it.
+    axis, beside the frozen yardsticks (:mod:`tli.yardsticks`: a Procrustes map fitted on the
+    trained pairs, scored by CSLS; centred NN without a map). Bottom panel: the margin (pairs
+    minus baseline) with its bootstrap CI, and the centred margin when the scan computed it.
 
     Args:
         result: A :class:`tli.scan.ScanResult`, or a scan directory to read it from.
@@ -139,6 +140,30 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
             label=f"{n}: P@1 {src}→{tgt} (NN)",
         )
         lowest = min(lowest, *s["pair_mean"], *s["baseline"])
+    yard_sets = (result.yardsticks or {}).get("sets", {})
+    yard_top = [0.0]
+    for n in names:
+        figures = yard_sets.get(n, {})
+        for key, style, text in (
+            ("p_at_1_s2t_procrustes_csls", "--", "frozen Procrustes + CSLS"),
+            ("p_at_1_s2t_centered", "-", "frozen centred NN, no map"),
+        ):
+            in_sample = n in result.yardsticks.get("in_sample", [])
+            if key in figures and not (in_sample and "procrustes" in key):
+                # an in-sample map (fitted on this set) memorises it: its P@1 is in the
+                # scan's table, not on this axis, where it would flatten every other line
+                ax_p.plot(
+                    layers,
+                    figures[key],
+                    color=colours[n],
+                    marker="s" if "procrustes" in key else "^",
+                    markersize=3,
+                    linestyle=style,
+                    linewidth=1.0,
+                    alpha=0.8,
+                    label=f"{n}: P@1 src→tgt, {text}",
+                )
+                yard_top.append(max(figures[key]))
     chance = {n: result.sets[n]["chance_p_at_1_s2t"][0] for n in names}
     for n in names:
         ax_p.axhline(
@@ -148,9 +173,9 @@ def plot_scan(result: ScanResult | str | os.PathLike[str], path: str | os.PathLi
             linewidth=0.9,
             label=f"{n}: P@1 chance ({chance[n]:.4f})",
         )
-    top_p = max(max(result.sets[n]["p_at_1_s2t_nn"]) for n in names)
+    top_p = max(max(max(result.sets[n]["p_at_1_s2t_nn"]) for n in names), *yard_top)
     ax_p.set_ylim(0, max(0.05, 1.15 * top_p, 2 * max(chance.values())))
-    ax_p.set_ylabel(f"P@1 ({src} → {tgt}, nearest neighbour)")
+    ax_p.set_ylabel(f"P@1 ({src} → {tgt})")
     chosen = result.chosen_layer
     ax.axvline(
         chosen,
@@ -313,7 +338,11 @@ def plot_tsne(
 
 
 def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
-    """Per-layer pair cosine, mismatched baseline and P@1 (NN, centred NN), pre and post."""
+    """Per-layer pair cosine, baseline and P@1 (NN, centred NN) pre and post; frozen yardstick.
+
+    The frozen yardstick is the Procrustes map with CSLS (:mod:`tli.yardsticks`), drawn when the
+    evaluation computed it.
+    """
     from tli.evaluate import EvalResult
 
     result = EvalResult.load(eval_dir)
@@ -365,6 +394,18 @@ def plot_layer_curves(eval_dir: str | os.PathLike[str], path: str | os.PathLike[
                     color="tab:purple",
                     label=f"P@1 {src}→{tgt} centred NN ({when})",
                 )
+        yard = (result.yardsticks or {}).get("sets", {}).get(name, {})
+        in_sample = name in (result.yardsticks or {}).get("in_sample", [])
+        if "p_at_1_s2t_procrustes_csls" in yard and not in_sample:  # in-sample: in the tables
+            bottom.plot(
+                layers,
+                yard["p_at_1_s2t_procrustes_csls"],
+                "-.",
+                color="tab:orange",
+                marker="s",
+                markersize=3,
+                label="P@1 s->t frozen Procrustes + CSLS",
+            )
         chance = figs["pre"].get("chance_p_at_1_s2t")
         if chance:
             bottom.plot(layers, chance, ":", color="0.6", label="chance")
@@ -434,6 +475,221 @@ def plot_change_histogram(eval_dir: str | os.PathLike[str], path: str | os.PathL
     return _save(fig, path)
 
 
+def _wilson_bar(share: float, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """``(share, below, above)`` for an error bar of a P@1 with its Wilson interval."""
+    from tli.stats import wilson_interval
+
+    if share is None or not math.isfinite(share) or not n:
+        return math.nan, 0.0, 0.0
+    lo, hi = wilson_interval(int(round(share * n)), int(n), level)
+    return share, share - lo, hi - share
+
+
+def yardstick_bars(
+    eval_dir: str | os.PathLike[str], probe_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """The numbers of :func:`plot_yardsticks`, read from saved results only.
+
+    Returns:
+        ``{"direction", "kind", "final", "sets": {set: [(label, p, below, above, note)]},
+        "perplexity": [(name, change %, below, above)] , "perplexity_note", "rank_note"}``;
+        an absent bar has ``p`` NaN and a ``note`` saying why.
+    """
+    from tli.evaluate import EvalResult
+    from tli.probe import load_rank
+    from tli.yardsticks import best
+
+    ev = EvalResult.load(eval_dir)
+    rank = load_rank(probe_dir) if probe_dir is not None and Path(probe_dir).is_dir() else None
+    kind = ev.config.verdict_retrieval
+    direction = kind.split("_")[0]
+    final = ev.num_layers
+    i = ev.index(final)
+    yard = ev.yardsticks or {}
+    with _reading(Path(eval_dir) / "evaluation.json"):
+        out: dict[str, list] = {}
+        for name in ("control", "trained"):
+            if name not in ev.sets:
+                continue
+            s, n = ev.sets[name], ev.sets[name]["n"]
+            bars = [
+                (f"base, layer {final}", *_wilson_bar(s["pre"][f"p_at_1_{kind}"][i], n), ""),
+            ]
+            top = best(yard, name, direction, ev.layers) if yard else None
+            if top is None:
+                why = "; ".join((yard.get("absent") or {}).values()) or "not computed"
+                bars.append(("best frozen yardstick", math.nan, 0.0, 0.0, f"absent: {why}"))
+            else:
+                tag = " (in-sample)" if name in yard.get("in_sample", []) else ""
+                bars.append(
+                    (
+                        f"best frozen: {top['name']},\nlayer {top['layer']}{tag}",
+                        top["p_at_1"],
+                        top["p_at_1"] - top["lo"],
+                        top["hi"] - top["p_at_1"],
+                        "",
+                    )
+                )
+            row = next(
+                (
+                    r
+                    for r in (rank or {}).get("scores", [])
+                    if r["set"] == name and r["direction"] == direction
+                ),
+                None,
+            )
+            for which in ("raw", "calibrated"):
+                label = f"LM ranking ({which})"
+                if row is None:
+                    why = (
+                        "tli probe --rank did not run"
+                        if rank is None
+                        else f"the LM ranking skipped this set or direction ({direction})"
+                    )
+                    bars.append((label, math.nan, 0.0, 0.0, f"absent: {why}"))
+                else:
+                    p = row[f"p_at_1_{which}"]
+                    extra = f" ({row['n']} items)" if row["n"] != n else ""
+                    bars.append(
+                        (
+                            label + extra,
+                            p,
+                            p - row[f"p_at_1_{which}_lo"],
+                            row[f"p_at_1_{which}_hi"] - p,
+                            "",
+                        )
+                    )
+            bars.append(
+                (f"adapter, layer {final}", *_wilson_bar(s["post"][f"p_at_1_{kind}"][i], n), "")
+            )
+            out[name] = bars
+        harm = ev.perplexity or {}
+        ppl = [
+            (
+                r["name"],
+                100 * r["change"],
+                100 * (r["change"] - r["lo"]),
+                100 * (r["hi"] - r["change"]),
+            )
+            for r in (harm.get("sets") or {}).values()
+        ]
+        note = (
+            ""
+            if harm.get("enabled")
+            else f"perplexity absent: {harm.get('reason') or 'not measured'}"
+        )
+    return {
+        "direction": direction,
+        "kind": kind,
+        "final": final,
+        "sets": out,
+        "n": {name: ev.sets[name]["n"] for name in out},
+        "perplexity": ppl,
+        "perplexity_note": note,
+        "model": ev.model.get("name", "?"),
+    }
+
+
+def plot_yardsticks(
+    eval_dir: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    probe_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """The yardstick figure that leads the report: what the adapter adds, and what it costs.
+
+    One bar chart per set (control, trained) of the verdict's retrieval P@1 with 95% Wilson
+    intervals: the base model at the final layer, the best frozen yardstick of the base model
+    (:mod:`tli.yardsticks`, any layer; in-sample on the trained set), the LM's own ranking
+    (``probe_rank.json`` of ``probe_dir``, raw and calibrated) and the adapter at the final
+    layer; an absent bar says why. Beside them, the perplexity change of each text set with
+    its paired bootstrap CI (the do-no-harm check). Drawn from saved files only.
+
+    Args:
+        eval_dir: An evaluation directory (``evaluation.json``).
+        path: Where to write the PNG.
+        probe_dir: A probe directory with ``probe_rank.json``, if any.
+    """
+    data = yardstick_bars(eval_dir, probe_dir)
+    plt = _pyplot()
+    names = list(data["sets"])
+    fig, axes = plt.subplots(
+        1,
+        len(names) + 1,
+        figsize=(4.6 * len(names) + 3.4, 5.4),
+        gridspec_kw={"width_ratios": [3] * len(names) + [1.6]},
+        squeeze=False,
+    )
+    colours = ["0.55", "tab:orange", "tab:green", "tab:olive", "tab:blue"]
+    top = 0.05
+    for ax, name in zip(axes[0], names, strict=False):
+        bars = data["sets"][name]
+        x = list(range(len(bars)))
+        heights = [0.0 if math.isnan(b[1]) else b[1] for b in bars]
+        ax.bar(x, heights, color=colours[: len(bars)], alpha=0.85)
+        ax.errorbar(
+            x,
+            heights,
+            yerr=[[b[2] for b in bars], [b[3] for b in bars]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+            linewidth=1,
+        )
+        for j, b in enumerate(bars):
+            if math.isnan(b[1]):
+                ax.text(j, 0.005, b[4], rotation=90, ha="center", va="bottom", fontsize=6.5)
+            else:
+                ax.text(j, b[1] + b[3] + 0.005, f"{b[1]:.3f}", ha="center", fontsize=7)
+                top = max(top, b[1] + b[3])
+        ax.set_xticks(x, [b[0] for b in bars], rotation=35, ha="right", fontsize=7)
+        ax.set_title(f"{name} ({data['n'][name]} pairs)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in axes[0][: len(names)]:
+        ax.set_ylim(0, min(1.05, top * 1.25 + 0.02))
+    axes[0][0].set_ylabel(f"P@1 {data['kind']} (95% Wilson)")
+    ax = axes[0][-1]
+    if data["perplexity"]:
+        x = list(range(len(data["perplexity"])))
+        changes = [r[1] for r in data["perplexity"]]
+        ax.bar(x, changes, color=["tab:red" if c > 0 else "tab:cyan" for c in changes], alpha=0.8)
+        ax.errorbar(
+            x,
+            changes,
+            yerr=[[r[2] for r in data["perplexity"]], [r[3] for r in data["perplexity"]]],
+            fmt="none",
+            ecolor="black",
+            capsize=4,
+        )
+        for j, c in enumerate(changes):
+            text = f"x{1 + c / 100:.3g}" if c > 100 else f"{c:+.1f}%"  # many-fold: the ratio
+            ax.text(j, c, text, ha="center", va="bottom" if c >= 0 else "top", fontsize=7)
+        ax.set_xticks(x, [r[0] for r in data["perplexity"]], rotation=35, ha="right", fontsize=7)
+        ax.axhline(0, color="black", linewidth=0.8)
+        if max(abs(c) + r[3] for c, r in zip(changes, data["perplexity"], strict=True)) > 100:
+            ax.set_yscale("symlog", linthresh=10)  # a many-fold rise: linear within +-10%
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            data["perplexity_note"],
+            ha="center",
+            va="center",
+            wrap=True,
+            fontsize=7,
+            transform=ax.transAxes,
+        )
+        ax.set_xticks([])
+    ax.set_title("do no harm:\nperplexity change (95% CI)", fontsize=9)
+    ax.set_ylabel("adapted / base - 1 (%)")
+    fig.suptitle(
+        f"{data['model']}: what the adapter adds, against yardsticks of the frozen model "
+        f"(final layer {data['final']})",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def read_train_log(train_dir: str | os.PathLike[str]) -> dict[str, list[float]]:
     """The columns of a training directory's ``train_log.csv`` (step, epoch, loss, ... lr)."""
     path = Path(train_dir) / "train_log.csv"
@@ -495,6 +751,7 @@ def plot_training(train_dir: str | os.PathLike[str], path: str | os.PathLike[str
     fig.tight_layout()
     return _save(fig, path)
 
+
 #: What the t-SNE figures cannot show; printed under them in the report (and in the docs).
 TSNE_NOTE = (
     "t-SNE is fitted separately before and after training and keeps only neighbourhoods, not "
@@ -505,10 +762,13 @@ TSNE_NOTE = (
 
 #: Figures of a run directory: file name -> what it shows.
 RUN_FIGURES = {
+    "yardsticks.png": "Yardsticks: base, best frozen yardstick, LM ranking and adapter retrieval "
+    "(P@1, 95% Wilson), and the perplexity change",
     "scan.png": "Figure 1: layer scan (pair cosine, baseline, P@1, margin)",
     "tsne_pre.png": "Figure 2: t-SNE of final-layer vectors before training",
     "tsne_post.png": "Figure 3: t-SNE of final-layer vectors after training",
-    "layers.png": "per-layer pair cosine, baseline and P@1 (NN and centred NN), before and after",
+    "layers.png": "per-layer pair cosine, baseline and P@1 (NN and centred NN) before and after, "
+    "and the frozen Procrustes yardstick",
     "change_hist.png": "per-pair change: trained, control and mismatched pairs",
     "training.png": "training curves: loss, positive/negative similarity, learning rate per step",
 }
@@ -531,13 +791,17 @@ def draw_run_figures(
     if has_log:
         read_train_log(root / "train")
     if has_eval:
+        from tli.probe import load_rank
+
         EvalResult.load(eval_dir)
         load_vectors(eval_dir)
+        load_rank(root / "probe")
     out = ensure_dir(root / "figures")
     written = []
     if scan is not None:
         written.append(plot_scan(scan, out / "scan.png"))
     if has_eval:
+        written.append(plot_yardsticks(eval_dir, out / "yardsticks.png", root / "probe"))
         written += plot_tsne(
             eval_dir, out / "tsne_pre.png", out / "tsne_post.png", n_pairs=n_pairs, seed=seed
         )

@@ -23,6 +23,12 @@ compared per set and direction with McNemar's exact test (:func:`compare_hits`).
 ``probe_scores.md`` and ``probe_scores.json``; :func:`probe_summary_line` turns the latter into
 one line for the ``tli run`` report.
 
+**LM ranking** (``rank``, a yardstick of the base model): for each item of the ranked sets the
+base model reads the scored translation's few-shot prompt once, and every translation of the set
+is scored by its mean token log-probability as the continuation
+(:func:`tli.generate.continuation_scores`); P@1 raw and calibrated against a content-free word
+(:func:`lm_rank`). Written to ``probe_rank.json`` and ``probe_rank.md``.
+
 :meth:`ProbeResult.load` reads a probe directory back.
 
 A probe directory holds::
@@ -31,6 +37,8 @@ A probe directory holds::
     probe.md             the same as a Markdown table
     probe_scores.json    (score) per set and direction every figure, and every item
     probe_scores.md      (score) the table, how it was computed, the items whose hit changed
+    probe_rank.json      (rank) the LM ranking per set and direction, and every item
+    probe_rank.md        (rank) the same as tables
 """
 
 from __future__ import annotations
@@ -78,6 +86,8 @@ PROBE_JSON, PROBE_MD, SCORES_JSON, SCORES_MD = (
     "probe_scores.json",
     "probe_scores.md",
 )
+#: The LM-ranking yardstick's files (:func:`lm_rank`).
+RANK_JSON, RANK_MD = "probe_rank.json", "probe_rank.md"
 
 #: Placeholders a probe template may use, and per template the one it must use and the one it
 #: must not (a translation prompt that contains its own answer measures nothing).
@@ -169,6 +179,33 @@ class ProbeConfig:
         default=64,
         metadata={"help": "prompts per generate() call (larger batches share each weight read)"},
     )
+    rank: bool = field(
+        default=False,
+        metadata={
+            "help": "also the LM-ranking yardstick: the base model ranks every candidate "
+            "translation of a set by its log-probability after a few-shot prompt (P@1 raw and "
+            "calibrated; probe_rank.json, probe_rank.md). Slow: one prompt and C candidates "
+            "per item (docs/probe.md); in tli run it runs with or without enabled"
+        },
+    )
+    rank_sets: tuple[str, ...] = field(
+        default=("control",),
+        metadata={
+            "help": "rank: the sets to rank, comma-separated (every pair's translation "
+            "is a candidate: the embedding P@1's candidates)"
+        },
+    )
+    rank_n: int = field(
+        default=0,
+        metadata={
+            "help": "rank: items per set, sampled with the seed (0: every item); the "
+            "candidates are always the whole set"
+        },
+    )
+    rank_directions: tuple[str, ...] = field(
+        default=("s2t",),
+        metadata={"help": "rank: directions, comma-separated: s2t, t2s"},
+    )
 
     def __post_init__(self) -> None:
         for name, low, high in (
@@ -178,11 +215,29 @@ class ProbeConfig:
             ("shots", 0, 256),
             ("score_max_new_tokens", 1, 4096),
             ("batch_size", 1, MAX_BATCH),
+            ("rank_n", 0, MAX_BATCH),
         ):
             check_int(name, getattr(self, name), low, high)
         check_seed("seed", self.seed)
         templates = tuple(self.templates)
         object.__setattr__(self, "templates", templates)
+        for name in ("rank_sets", "rank_directions"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not self.rank_sets or any(not isinstance(x, str) or not x for x in self.rank_sets):
+            raise TLIError(f"rank_sets must name sets, got {','.join(map(str, self.rank_sets))}")
+        bad = [d for d in self.rank_directions if d not in DIRECTIONS]
+        if (
+            bad
+            or not self.rank_directions
+            or len(set(self.rank_directions)) != len(self.rank_directions)
+        ):
+            raise TLIError(
+                f"rank_directions must be distinct names among {', '.join(DIRECTIONS)}, got "
+                f"{','.join(map(str, self.rank_directions)) or 'none'}"
+            )
+        for name in ("rank",):
+            if not isinstance(getattr(self, name), bool):
+                raise TLIError(f"{name} must be true or false, got {getattr(self, name)!r}")
         unknown = [t for t in templates if t not in TEMPLATES]
         if unknown or not templates or len(set(templates)) != len(templates):
             raise TLIError(
@@ -578,6 +633,7 @@ class ProbeResult:
             prompt), and per model (``base_``/``tuned_``) the raw output, the answer, whether
             its line is complete, the hit and the chrF.
         scores: :func:`summarize_scores` of the items.
+        rank: The LM-ranking yardstick (:func:`lm_rank`); empty when it did not run.
         warnings: Doubts raised on the way.
         timings: Seconds per step.
         languages: The source and target language names (the pair config's).
@@ -591,6 +647,7 @@ class ProbeResult:
     scores: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    rank: dict[str, Any] = field(default_factory=dict)
     languages: tuple[str, str] = NO_LANGUAGES
 
     @property
@@ -647,6 +704,7 @@ class ProbeResult:
                 scores=[nan_from_null(s) for s in scores.get("scores", [])],
                 warnings=list(data.get("warnings", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
+                rank=load_rank(directory) or {},
                 languages=tuple(data.get("languages", NO_LANGUAGES)),
             )
         except (KeyError, TypeError, ValueError) as err:
@@ -733,6 +791,215 @@ def probe_summary_line(probe_dir: str | os.PathLike[str]) -> str:
     return ProbeResult.load(probe_dir).summary_line()
 
 
+# --- the LM-ranking yardstick ----------------------------------------------------------------
+
+
+#: The content-free word of the calibration prompt (Zhao et al. 2021, "Calibrate before use").
+CONTENT_FREE = "N/A"
+
+
+def rank_items(
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> list[dict[str, Any]]:
+    """The items of the LM-ranking yardstick: per ranked set and direction, prompt and gold.
+
+    Every item of a set (or ``rank_n`` sampled with the seed) is asked with the few-shot prompt
+    of the scored translation (:func:`fewshot_parts`: shots from the trained set only, never the
+    item nor a related pair); its candidates are the translations of *every* pair of the set in
+    that direction (the targets for ``s2t``, the sources for ``t2s``), as in the embedding P@1,
+    and its gold row is :func:`tli.pairs.gold_mask`'s (listed alternatives count).
+
+    Raises:
+        TLIError: No ranked set is among ``sets``, or there is no trained set for the shots.
+    """
+    from tli.pairs import gold_mask
+
+    pool = list(sets.get("trained", ()))
+    if cfg.shots > 0 and not pool:
+        raise TLIError("the LM ranking draws its shots from the trained set, which is empty")
+    wanted = [name for name in cfg.rank_sets if sets.get(name)]
+    if not wanted:
+        raise TLIError(
+            f"nothing to rank: no set among rank_sets ({', '.join(cfg.rank_sets)}) has pairs"
+        )
+    orders = {d: shot_order(pool, cfg.seed, d) for d in DIRECTIONS}
+    items = []
+    for name in wanted:
+        pairs = list(sets[name])
+        gold = gold_mask(pairs)  # (B, B): source i -> target j
+        chosen = sample(list(range(len(pairs))), cfg.rank_n, cfg.seed, f"rank:{name}")
+        for direction in cfg.rank_directions:
+            g = gold if direction == "s2t" else gold.T
+            for i in chosen:
+                pair = pairs[i]
+                word = pair.source if direction == "s2t" else pair.target
+                shots = choose_shots(
+                    pair, pool, cfg.shots, cfg.seed, direction, order=orders[direction]
+                )
+                prefix, question = fewshot_parts(word, shots, direction, cfg, languages)
+                items.append(
+                    {
+                        "set": name,
+                        "direction": direction,
+                        "index": i,
+                        "word": word,
+                        "shots": [[s.source, s.target] for s in shots],
+                        "prefix": prefix,
+                        "prompt": prefix + question,
+                        "gold": g[i].nonzero().flatten().tolist(),
+                    }
+                )
+    return items
+
+
+def _separator(cfg: ProbeConfig, direction: str, languages: tuple[str, str]) -> str:
+    """The spaces between the question and the answer in :attr:`ProbeConfig.score_shot`."""
+    src_lang, tgt_lang = languages
+    in_lang, out_lang = (src_lang, tgt_lang) if direction == "s2t" else (tgt_lang, src_lang)
+    raw = cfg.score_shot.format(in_lang=in_lang, out_lang=out_lang, word="w", answer="\x00")
+    raw = raw.split("\x00")[0]
+    return raw[len(raw.rstrip(" ")) :]
+
+
+def lm_rank(
+    loaded: Any,
+    sets: Mapping[str, Sequence[Any]],
+    cfg: ProbeConfig | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    *,
+    languages: tuple[str, str] = NO_LANGUAGES,
+) -> dict[str, Any]:
+    """The LM-ranking yardstick: how often the base LM itself ranks the right translation first.
+
+    For each item (:func:`rank_items`) the model reads the few-shot prompt once and every
+    candidate of the set is scored by its mean token log-probability as the continuation
+    (:func:`tli.generate.continuation_scores`). ``raw`` ranks by that score; ``calibrated``
+    subtracts each candidate's score after the same shots and the content-free word
+    :data:`CONTENT_FREE`, which removes the pull of frequent words (Zhao et al. 2021). P@1 and
+    MRR are :func:`tli.metrics.retrieval` (ties count against the item), with Wilson intervals.
+    The model is used as given (``tli probe`` passes the base model, before any adapter).
+
+    Args:
+        loaded: A full-depth :class:`tli.models.LoadedModel`.
+        sets: Set name -> its pairs; the trained set gives the shots.
+        cfg: Settings (``rank_sets``, ``rank_n``, ``rank_directions``, ``shots``, the templates).
+        out_dir: If given, ``probe_rank.json`` and ``probe_rank.md`` are written there.
+        languages: The source and target language names, for the prompts.
+
+    Returns:
+        The content of ``probe_rank.json``: ``config``, ``model``, ``scores`` (one row per set
+        and direction), ``items`` and ``timings``.
+    """
+    import torch
+
+    from tli.adapters import model_facts
+    from tli.config import to_dict
+    from tli.generate import continuation_scores
+    from tli.metrics import random_chance_p_at_1, retrieval
+    from tli.stats import wilson_interval
+
+    cfg = cfg or ProbeConfig()
+    start = time.perf_counter()
+    sets = {name: list(pairs) for name, pairs in sets.items() if pairs}
+    languages = (str(languages[0]), str(languages[1]))
+    items = rank_items(sets, cfg, languages)
+    model, tok = loaded.model, loaded.tokenizer
+    priors: dict[tuple[str, str, str], torch.Tensor] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        groups[(item["set"], item["direction"])].append(item)
+    scores, rows = [], []
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for (name, direction), members in groups.items():
+            pairs = sets[name]
+            sep = _separator(cfg, direction, languages)
+            cands = [(p.target if direction == "s2t" else p.source) for p in pairs]
+            texts = [sep + c for c in cands]
+            raw, calibrated = [], []
+            for item in members:
+                key = (name, direction, item["prefix"])
+                if key not in priors:
+                    _, empty = fewshot_parts(CONTENT_FREE, [], direction, cfg, languages)
+                    priors[key] = continuation_scores(
+                        model, tok, item["prefix"] + empty, texts, batch_size=cfg.batch_size
+                    )
+                got = continuation_scores(
+                    model, tok, item["prompt"], texts, batch_size=cfg.batch_size
+                )
+                raw.append(got)
+                calibrated.append(got - priors[key])
+            gold = torch.zeros(len(members), len(cands), dtype=torch.bool)  # (I, C)
+            for r, item in enumerate(members):
+                gold[r, item["gold"]] = True
+            row = {
+                "set": name,
+                "direction": direction,
+                "n": len(members),
+                "n_candidates": len(cands),
+                "chance": random_chance_p_at_1(gold),
+            }
+            for kind, matrix in (
+                ("raw", torch.stack(raw)),
+                ("calibrated", torch.stack(calibrated)),
+            ):
+                result = retrieval(matrix, gold)
+                hits = int((result["rank"] == 1).sum())
+                lo, hi = wilson_interval(hits, len(members), 0.95)
+                row |= {
+                    f"p_at_1_{kind}": hits / len(members),
+                    f"p_at_1_{kind}_lo": lo,
+                    f"p_at_1_{kind}_hi": hi,
+                    f"hits_{kind}": hits,
+                    f"mrr_{kind}": float(result["mrr"]),
+                }
+                top = matrix.argmax(dim=1).tolist()
+                for r, item in enumerate(members):
+                    item[f"rank_{kind}"] = int(result["rank"][r])
+                    item[f"top_{kind}"] = cands[top[r]]
+            scores.append(row)
+            rows += members
+    finally:
+        for module, training in modes:
+            module.training = training
+    out = {
+        "stage": "probe_rank",
+        "config": to_dict(cfg),
+        "model": model_facts(loaded),
+        "languages": list(languages),
+        "level": 0.95,
+        "scores": scores,
+        "items": [{k: v for k, v in item.items() if k not in ("prefix",)} for item in rows],
+        "timings": {"total_s": time.perf_counter() - start, "n_items": float(len(rows))},
+    }
+    if out_dir is not None:
+        from tli.io import atomic_write_json, atomic_write_text
+        from tli.tables import rank_markdown
+
+        directory = ensure_dir(out_dir)
+        atomic_write_text(directory / RANK_MD, rank_markdown(out))
+        atomic_write_json(directory / RANK_JSON, out)
+    return out
+
+
+def load_rank(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The saved LM ranking of a probe directory, or None when it holds none.
+
+    Raises:
+        TLIError: ``probe_rank.json`` exists but is not a tli LM ranking.
+    """
+    path = Path(directory) / RANK_JSON
+    if not path.is_file():
+        return None
+    data = _read_result(path)
+    if data.get("stage") != "probe_rank" or not isinstance(data.get("scores"), list):
+        raise TLIError(f"{path}: not a tli LM ranking")
+    return data
+
+
 # --- the stage --------------------------------------------------------------------------------
 
 
@@ -744,6 +1011,7 @@ def probe(
     out_dir: str | os.PathLike[str] | None = None,
     *,
     score: bool | None = None,
+    rank: bool | None = None,
     languages: tuple[str, str] = NO_LANGUAGES,
 ) -> ProbeResult:
     """Probe an adapter, and (``score``) score word translation, base vs. tuned.
@@ -762,6 +1030,8 @@ def probe(
         cfg: Settings (defaults: :class:`ProbeConfig`).
         out_dir: If given, the result is saved there (:meth:`ProbeResult.save`).
         score: Run the scored translation; ``None``: ``cfg.score``.
+        rank: Run the LM-ranking yardstick (:func:`lm_rank`, base model only, written to
+            ``probe_rank.json``); ``None``: ``cfg.rank``.
         languages: The source and target language names, for prompts and labels.
 
     Returns:
@@ -773,6 +1043,7 @@ def probe(
     """
     cfg = cfg or ProbeConfig()
     score = cfg.score if score is None else score
+    rank = cfg.rank if rank is None else rank
     start = time.perf_counter()
     sets = {name: list(pairs) for name, pairs in sets.items() if pairs}
     if not sets:
@@ -837,6 +1108,14 @@ def probe(
         timings[f"score_{who}_s"] = time.perf_counter() - clock
         return probe_out, score_out
 
+    ranking: dict[str, Any] = {}
+    if rank:
+        clock = time.perf_counter()
+        ranking = lm_rank(loaded, sets, cfg, out_dir, languages=languages)
+        timings["rank_base_s"] = time.perf_counter() - clock
+    elif out_dir is not None:
+        (Path(out_dir) / RANK_JSON).unlink(missing_ok=True)  # not this probe's: stale
+        (Path(out_dir) / RANK_MD).unlink(missing_ok=True)
     base_probe, base_score = run(loaded.model, "base")
     clock = time.perf_counter()
     with attached(loaded, info) as tuned:
@@ -868,6 +1147,7 @@ def probe(
         scores=scores,
         warnings=notes,
         timings=timings,
+        rank=ranking,
         languages=languages,
     )
     timings["metrics_s"] = time.perf_counter() - clock
@@ -886,6 +1166,8 @@ __all__ = [
     "DIRECTIONS",
     "PROBE_JSON",
     "PROBE_MD",
+    "RANK_JSON",
+    "RANK_MD",
     "SCORES_JSON",
     "SCORES_MD",
     "TEMPLATES",
@@ -898,12 +1180,15 @@ __all__ = [
     "extract_answer",
     "fewshot_parts",
     "fewshot_prompt",
+    "lm_rank",
+    "load_rank",
     "normalize_answer",
     "probe",
     "probe_prompt",
     "probe_rows",
     "probe_summary_line",
     "question_and_gold",
+    "rank_items",
     "related",
     "sample",
     "score_items",

@@ -57,9 +57,10 @@ def build_markdown(run_dir: Path) -> str:
         f"({stages['train']['layer_source']}); evaluation at the final layer {n}.",
         "",
     ]
+    lines += _yardstick_section(run_dir, ev)
     lines += _section(
         "Verdicts (final layer)",
-        *[f"- **{line}**" for line in ev.verdict_lines()],
+        *[f"- **{line}**" for line in ev.summary_lines()],
         "",
         ev.findings_table(),
         "",
@@ -104,6 +105,8 @@ def build_markdown(run_dir: Path) -> str:
         lines += _section(f"Table 2: examples, {name} set (final layer)", ev.table2(name))
     figs = []
     for fname, caption in RUN_FIGURES.items():
+        if fname == YARDSTICKS_FIGURE:
+            continue  # it leads the report
         if (run_dir / "figures" / fname).is_file():
             figs += [f"![{caption}](figures/{fname})", "", f"*{caption}*", ""]
             if fname == "tsne_post.png":
@@ -123,6 +126,53 @@ def build_markdown(run_dir: Path) -> str:
     lines += _section("Config", "```toml", config.rstrip(), "```")
     lines += _section("Environment", "```json", json.dumps(env, indent=2), "```")
     return "\n".join(lines).rstrip() + "\n"
+
+
+#: The figure that leads the report (:func:`tli.plots.plot_yardsticks`).
+YARDSTICKS_FIGURE = "yardsticks.png"
+
+
+def _yardstick_section(run_dir: Path, ev: Any) -> list[str]:
+    """The report's first section: the yardstick figure, the do-no-harm line and the tables."""
+    from tli.probe import load_rank
+    from tli.tables import (
+        YARDSTICK_NOTE,
+        adapter_retrieval,
+        perplexity_table,
+        rank_line,
+        yardstick_markdown,
+    )
+
+    body: list[str] = []
+    if (run_dir / "figures" / YARDSTICKS_FIGURE).is_file():
+        caption = (
+            "Yardsticks: P@1 "
+            f"{ev.config.verdict_retrieval} with 95% Wilson intervals of the base model at the "
+            "final layer, the best frozen yardstick (any layer), the LM's own ranking and the "
+            "adapter at the final layer; right: the perplexity change"
+        )
+        body += [f"![{caption}](figures/{YARDSTICKS_FIGURE})", "", f"*{caption}*", ""]
+    body += [f"**{ev.harm_line()}**", ""]
+    rank = load_rank(run_dir / "probe")
+    body += [
+        rank_line(rank) + " Details: `probe/probe_rank.md`."
+        if rank
+        else "LM ranking: absent (it did not run; `[probe] rank = true`, or `tli probe --rank`).",
+        "",
+    ]
+    if ev.yardsticks:
+        body += [
+            yardstick_markdown(
+                ev.yardsticks, ev.layers, ev.num_layers, adapter=adapter_retrieval(ev)
+            ),
+            "",
+            YARDSTICK_NOTE,
+            "",
+        ]
+    else:
+        body += ["Frozen yardsticks: absent (an evaluation of an older tli).", ""]
+    body += ["Perplexity:", "", perplexity_table(ev.perplexity)]
+    return _section("Yardsticks and do no harm", *body)
 
 
 def _data_uri(path: Path) -> str:

@@ -5,7 +5,9 @@ pairs (trained, control), the scan reports the paper's metric (mean and std of t
 pair cosine) beside what is needed to read it: the mismatched-pair baseline, the margin (pairs
 minus baseline) with a seeded bootstrap CI, and retrieval (P@1, P@5, MRR; nearest neighbour,
 CSLS, and nearest neighbour after mean-centring each side; both directions). With ``center`` it
-adds every other metric after the same centring too (centred margin, centred CSLS). It then
+adds every other metric after the same centring too (centred margin, centred CSLS). Beside them
+stand the frozen yardsticks of :mod:`tli.yardsticks` (a Procrustes map fitted on the trained
+pairs, scored by NN, CSLS and centred NN; centred NN without a map), per layer. It then
 chooses a layer by one rule (``select_by``), reports the next best, and warns when the choice
 looks like anisotropy rather than alignment.
 
@@ -44,6 +46,7 @@ from tli.config import (
 from tli.embed import POOLINGS, Embedding, Pooling
 from tli.errors import TLIError
 from tli.pairs import check_sets, gold_mask
+from tli.yardsticks import from_json as yardsticks_from_json
 
 log = logging.getLogger("tli")
 
@@ -60,6 +63,8 @@ SELECT_ON: tuple[str, ...] = ("trained", "control")
 SelectOn = Literal["trained", "control"]
 #: Prefix of the metric names of the centred variants (``--center``) in ``scan.csv``.
 CENTERED_PREFIX = "centered_"
+#: Prefix of the frozen yardsticks' metric names in ``scan.csv`` (:mod:`tli.yardsticks`).
+YARDSTICK_PREFIX = "yardstick_"
 #: File names inside a scan directory.
 CSV_NAME, JSON_NAME, PNG_NAME = "scan.csv", "scan.json", "scan.png"
 
@@ -156,6 +161,8 @@ class ScanResult:
         notes: Facts about the choice worth knowing (e.g. layer N is the evaluated layer).
         timings: Seconds: ``embed_s``, ``metrics_s``, ``total_s`` (and ``load_s`` from the CLI).
         inputs: Where the pairs came from (set by the CLI: ``pairs``, ``control`` file names).
+        yardsticks: The frozen yardsticks per set and layer
+            (:func:`tli.yardsticks.frozen_yardsticks`); empty in scans of older tli versions.
         languages: The source and target language names, for labels.
         embedding: The pooled vectors of every string at every scanned layer and how they were
             made (:class:`tli.embed.Embedding`), kept in memory for a later stage of the same
@@ -176,6 +183,7 @@ class ScanResult:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     inputs: dict[str, str] = field(default_factory=dict)
+    yardsticks: dict[str, Any] = field(default_factory=dict)
     languages: tuple[str, str] = ("source", "target")
     embedding: Embedding | None = field(default=None, repr=False, compare=False)
 
@@ -192,9 +200,14 @@ class ScanResult:
     # --- files --------------------------------------------------------------------------
 
     def rows(self) -> list[tuple[int, str, str, float]]:
-        """Long-format rows ``(layer, set, metric, value)``; centred metrics are prefixed."""
+        """Long-format rows ``(layer, set, metric, value)``; centred and yardstick ones prefixed."""
         out = []
-        for prefix, table in (("", self.sets), (CENTERED_PREFIX, self.centered)):
+        yard = (self.yardsticks or {}).get("sets", {})
+        for prefix, table in (
+            ("", self.sets),
+            (CENTERED_PREFIX, self.centered),
+            (YARDSTICK_PREFIX, yard),
+        ):
             for set_name, summary in table.items():
                 for metric, values in summary.items():
                     for layer, value in zip(self.layers, values, strict=True):
@@ -244,6 +257,7 @@ class ScanResult:
             "timings": dict(self.timings),
             "sets": self.sets,
             "centered": self.centered,
+            "yardsticks": self.yardsticks,
         }
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
@@ -294,6 +308,7 @@ class ScanResult:
                 notes=list(data.get("notes", [])),
                 timings={k: float(v) for k, v in data.get("timings", {}).items()},
                 inputs={k: str(v) for k, v in data.get("inputs", {}).items()},
+                yardsticks=yardsticks_from_json(data.get("yardsticks")),
                 languages=tuple(data.get("languages", ("source", "target"))),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
@@ -414,6 +429,7 @@ def build_result(
     n_pairs: Mapping[str, int],
     centered: dict[str, Summary] | None = None,
     timings: Mapping[str, float] | None = None,
+    yardsticks: dict[str, Any] | None = None,
 ) -> ScanResult:
     """Choose the layer from computed summaries, check the choice, and log the warnings."""
     if not sets:
@@ -443,6 +459,7 @@ def build_result(
         warnings=warnings,
         notes=notes + more,
         timings=dict(timings or {}),
+        yardsticks=dict(yardsticks or {}),
     )
 
 
@@ -473,6 +490,7 @@ def run_scan(
     """
     from tli.embed import embed
     from tli.metrics import alignment_summary
+    from tli.yardsticks import frozen_yardsticks
 
     cfg = cfg or ScanConfig()
     start = time.perf_counter()
@@ -514,10 +532,13 @@ def run_scan(
     centered: dict[str, Summary] = {}
     if cfg.center:
         centered = summaries(_center_language(src), _center_language(tgt))
+    measured = time.perf_counter()
+    yardsticks = frozen_yardsticks(src, tgt, golds, csls_k=cfg.csls_k, level=cfg.level)
     done = time.perf_counter()
     timings = {
         "embed_s": embedded - start,
-        "metrics_s": done - embedded,
+        "metrics_s": measured - embedded,
+        "yardsticks_s": done - measured,
         "total_s": done - start,
         "n_strings": float(len(texts)),
     }
@@ -531,6 +552,7 @@ def run_scan(
         n_pairs={name: len(pairs) for name, pairs in sets.items()},
         centered=centered,
         timings=timings,
+        yardsticks=yardsticks,
     )
     result.languages = (str(languages[0]), str(languages[1]))
     result.embedding = Embedding(

@@ -130,6 +130,16 @@ def sliding_window(model_or_config: object) -> int | None:
     return int(window) if isinstance(window, int) and window > 0 else None
 
 
+def logit_softcap(model_or_config: object) -> float | None:
+    """The final logit soft-capping value (Gemma 2/3: ``tanh(logits / c) * c``), or None."""
+    config = getattr(_unwrap(model_or_config), "config", model_or_config)  # type: ignore[arg-type]
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    cap = getattr(text, "final_logit_softcapping", None)
+    return float(cap) if isinstance(cap, (int, float)) and cap > 0 else None
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a linear-like module (GPT-2's Conv1D too), or None."""
     if isinstance(module, nn.Linear):

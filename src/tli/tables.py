@@ -167,9 +167,141 @@ def scan_table(result: ScanResult, *, with_warnings: bool = True) -> str:
             f"({key} = {result.value(sel, key, result.next_best_layer):.4f})"
         )
     lines += [f"note: {n}" for n in result.notes]
+    if result.yardsticks:
+        lines += ["", *yardstick_text(result.yardsticks, result.layers, result.config.level)]
     if with_warnings:
         lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
+
+
+# --- frozen yardsticks ------------------------------------------------------------------------
+
+
+def _yard_cell(figures: Mapping[str, Any], key: str, i: int) -> str:
+    """``0.095 [0.051, 0.170]`` of yardstick ``key`` (``<dir>_<yardstick>``) at index i."""
+    p = figures.get(f"p_at_1_{key}")
+    if not p:
+        return "absent"
+    return (
+        f"{p[i]:.3f} [{figures[f'p_at_1_{key}_lo'][i]:.3f}, {figures[f'p_at_1_{key}_hi'][i]:.3f}]"
+    )
+
+
+def _best_text(yard: Mapping[str, Any], name: str, direction: str, layers: list[int]) -> str:
+    """``Procrustes + CSLS at layer 14: 0.095 [0.051, 0.170] (9/95), MRR 0.160``, or absent."""
+    from tli.yardsticks import best
+
+    top = best(yard, name, direction, layers)
+    if top is None:
+        return "absent"
+    n = top["hits"] / top["p_at_1"] if top["p_at_1"] else None
+    count = f"{top['hits']}/{round(n)}" if n else f"{top['hits']} hits"
+    return (
+        f"{top['name']} at layer {top['layer']}: {top['p_at_1']:.3f} [{top['lo']:.3f}, "
+        f"{top['hi']:.3f}] ({count}), MRR {top['mrr']:.3f}"
+    )
+
+
+def yardstick_text(yard: Mapping[str, Any], layers: list[int], level: float = 0.95) -> list[str]:
+    """The frozen yardsticks as plain-text lines: s→t P@1 per layer and set, the best of each.
+
+    Args:
+        yard: :func:`tli.yardsticks.frozen_yardsticks` (as saved).
+        layers: The layer of each value.
+        level: Coverage of the Wilson intervals (for the header).
+    """
+    from tli.yardsticks import YARDSTICKS
+
+    pct = int(round(level * 100))
+    heads = {
+        "procrustes_nn": "Procrustes NN",
+        "procrustes_csls": "Procrustes CSLS",
+        "procrustes_centered": "Procrustes centred",
+        "centered": "centred, no map",
+    }
+    fit = (
+        f"Procrustes fitted on the {yard.get('n_fit')} {yard.get('fit_set')} pairs"
+        if yard.get("fit_set")
+        else "no Procrustes map"
+    )
+    lines = [f"frozen yardsticks ({fit}; P@1 s→t [{pct}% Wilson])"]
+    for name, figures in (yard.get("sets") or {}).items():
+        tag = (
+            " (in-sample: the map was fitted on these pairs)"
+            if name in yard.get("in_sample", [])
+            else ""
+        )
+        lines += [
+            "",
+            f"{name}{tag}",
+            f"{'layer':>5}" + "".join(f"  {heads[k]:>22}" for k in YARDSTICKS),
+        ]
+        for i, layer in enumerate(layers):
+            lines.append(
+                f"{layer:>5}"
+                + "".join(f"  {_yard_cell(figures, f's2t_{k}', i):>22}" for k in YARDSTICKS)
+            )
+        for direction, arrow in (("s2t", "s→t"), ("t2s", "t→s")):
+            lines.append(f"best {arrow}: {_best_text(yard, name, direction, layers)}")
+    for what, why in (yard.get("absent") or {}).items():
+        lines.append(f"yardstick absent ({what}): {why}")
+    return lines
+
+
+def yardstick_markdown(
+    yard: Mapping[str, Any],
+    layers: list[int],
+    final_layer: int,
+    *,
+    adapter: Mapping[str, Any] | None = None,
+) -> str:
+    """The frozen yardsticks as Markdown: per set and direction the best and the final layer.
+
+    Args:
+        yard: :func:`tli.yardsticks.frozen_yardsticks` (as saved).
+        layers: The layer of each value.
+        final_layer: N, whose values get their own columns.
+        adapter: Optional set name -> direction -> ``(p_at_1, n)`` of the adapter's final-layer
+            centred retrieval, shown beside the yardsticks.
+    """
+    from tli.yardsticks import YARDSTICK_NAMES, YARDSTICKS
+
+    i = layers.index(final_layer)
+    head = (
+        "| Set | Direction | Best frozen yardstick (any layer) "
+        + "".join(f"| {YARDSTICK_NAMES[k]}, layer {final_layer} " for k in YARDSTICKS)
+        + ("| Adapter, centred NN, layer " + str(final_layer) + " " if adapter else "")
+        + "|"
+    )
+    cols = 3 + len(YARDSTICKS) + (1 if adapter else 0)
+    lines = [head, "|" + "---|" * cols]
+    for name, figures in (yard.get("sets") or {}).items():
+        tag = " (in-sample)" if name in yard.get("in_sample", []) else ""
+        for direction, arrow in (("s2t", "s→t"), ("t2s", "t→s")):
+            extra = ""
+            if adapter:
+                p, n = adapter.get(name, {}).get(direction, (math.nan, 0))
+                extra = f"| {_p1_short(p, n)} "
+            lines.append(
+                f"| {name}{tag} | {arrow} | {_md(_best_text(yard, name, direction, layers))} "
+                + "".join(f"| {_yard_cell(figures, f'{direction}_{k}', i)} " for k in YARDSTICKS)
+                + extra
+                + "|"
+            )
+    absent = [f"- absent ({what}): {why}" for what, why in (yard.get("absent") or {}).items()]
+    return "\n".join(lines + ([""] + absent if absent else []))
+
+
+#: Under the yardstick table: what the yardsticks are.
+YARDSTICK_NOTE = (
+    "Frozen yardsticks: what the base model's own states retrieve without training. Procrustes: "
+    "each list unit-normed, mean-centred and unit-normed again, then the orthogonal map W = U V^T "
+    "from the SVD of X^T Y, fitted on the trained pairs only (MUSE's supervised refinement) and "
+    "scored by nearest neighbour, CSLS and centred nearest neighbour; on the trained set it is "
+    "in-sample. Centred NN, no map: each side's mean subtracted, no training at all. The best is "
+    "the maximum over every layer and yardstick, chosen on the scored set itself, so it is an "
+    "optimistic yardstick. P@1 with its Wilson interval."
+)
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -355,8 +487,7 @@ def eval_markdown(result: EvalResult) -> str:
         else "training layer unknown (no tli_adapter.json)"
     )
     chance = ", ".join(
-        f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}"
-        for name, s in result.sets.items()
+        f"{name} {s['pre'][f'chance_p_at_1_{kind[:3]}'][0]:.4f}" for name, s in result.sets.items()
     )
     src, tgt = result.languages
     lines = [
@@ -374,7 +505,7 @@ def eval_markdown(result: EvalResult) -> str:
         "",
         f"## Verdicts at the final layer ({n})",
         "",
-        *[f"- {line}" for line in result.verdict_lines()],
+        *[f"- {line}" for line in result.summary_lines()],
         "",
         findings_table(result),
         "",
@@ -391,6 +522,23 @@ def eval_markdown(result: EvalResult) -> str:
         ]
     if result.warnings:
         lines += ["", "Warnings:", "", *[f"- {w}" for w in result.warnings]]
+    lines += [
+        "",
+        "## Do no harm: perplexity on everyday texts",
+        "",
+        perplexity_table(result.perplexity),
+    ]
+    if result.yardsticks:
+        lines += [
+            "",
+            "## Frozen yardsticks: what the base model retrieves without training",
+            "",
+            yardstick_markdown(
+                result.yardsticks, result.layers, n, adapter=adapter_retrieval(result)
+            ),
+            "",
+            YARDSTICK_NOTE,
+        ]
     lines += [
         "",
         f"## Table 1: translation-pair cosine at the final layer ({n})",
@@ -421,6 +569,46 @@ def eval_markdown(result: EvalResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def adapter_retrieval(result: EvalResult, layer: int | None = None) -> dict[str, dict]:
+    """Set -> direction -> ``(P@1, n)`` of centred NN retrieval after training, at one layer."""
+    i = result.index(layer)
+    return {
+        name: {
+            d: (s["post"].get(f"p_at_1_{d}_centered", [math.nan] * (i + 1))[i], s["n"])
+            for d in ("s2t", "t2s")
+        }
+        for name, s in result.sets.items()
+    }
+
+
+def perplexity_table(harm: Mapping[str, Any]) -> str:
+    """The do-no-harm check as Markdown: per text set the perplexities and the change."""
+    if not harm or not harm.get("enabled"):
+        why = (harm or {}).get("reason") or "not measured by this evaluation"
+        return f"Not measured: {why}."
+    first = next(iter(harm["sets"].values()), {})
+    pct = int(round(100 * first.get("level", 0.95)))
+    lines = [
+        "| Texts | Sentences | Tokens | Base perplexity | Adapted perplexity "
+        f"| Change [{pct}% paired bootstrap CI] | Source |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in harm["sets"].values():
+        lines.append(
+            f"| {_md(r['name'])} | {r['n_sentences']} | {r['n_tokens']} | {r['base']:.2f} "
+            f"| {r['tuned']:.2f} | {100 * r['change']:+.1f}% [{100 * r['lo']:+.1f}, "
+            f"{100 * r['hi']:+.1f}] | {_md(r['source'])} |"
+        )
+    lines += [
+        "",
+        "Per-token perplexity of each sentence set, scored sentence by sentence with the "
+        "tokenizer's special tokens; the change is adapted / base - 1, its interval a paired "
+        "percentile bootstrap over sentences. An interval containing 0 does not show that there "
+        "is no harm, only that this check cannot see harm of that size (docs/perplexity.md).",
+    ]
+    return "\n".join(lines)
+
+
 #: Under the findings table: what the columns mean.
 FINDINGS_NOTE = (
     "Geometry: the margin change with its paired bootstrap CI (rose / fell when the CI excludes 0 "
@@ -441,6 +629,58 @@ RETRIEVAL_NOTE = (
 
 
 # --- probe ------------------------------------------------------------------------------------
+
+
+def rank_markdown(rank: Mapping[str, Any], max_items: int = 40) -> str:
+    """``probe_rank.md``: the LM-ranking yardstick per set and direction, and some items."""
+    cfg = rank["config"]
+    lines = [
+        f"# LM ranking: {rank['model'].get('name', '?')} ranks every candidate translation",
+        "",
+        f"Each item gets the {cfg['shots']}-shot prompt of the scored translation (shots from the "
+        "trained set, never the item or a related pair); every translation of the set is a "
+        "candidate, scored by its mean token log-probability as the continuation. Raw ranks by "
+        f"that score; calibrated subtracts each candidate's score after the content-free word "
+        "'N/A' (Zhao et al. 2021). P@1 with its 95% Wilson interval; ties count against the item. "
+        "The base model, no adapter. How to read it: docs/probe.md.",
+        "",
+        "| Set | Direction | Items | Candidates | P@1 raw | P@1 calibrated | MRR raw "
+        "| MRR calibrated | Chance |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rank["scores"]:
+        lines.append(
+            f"| {r['set']} | {r['direction']} | {r['n']} | {r['n_candidates']} "
+            f"| {r['p_at_1_raw']:.3f} [{r['p_at_1_raw_lo']:.3f}, {r['p_at_1_raw_hi']:.3f}] "
+            f"({r['hits_raw']}) | {r['p_at_1_calibrated']:.3f} [{r['p_at_1_calibrated_lo']:.3f}, "
+            f"{r['p_at_1_calibrated_hi']:.3f}] ({r['hits_calibrated']}) | {r['mrr_raw']:.3f} "
+            f"| {r['mrr_calibrated']:.3f} | {r['chance']:.4f} |"
+        )
+    lines += [
+        "",
+        f"## Items (first {max_items})",
+        "",
+        "| Set | Direction | Word | Top raw (rank of gold) | Top calibrated (rank of gold) |",
+        "|---|---|---|---|---|",
+    ]
+    for item in rank["items"][:max_items]:
+        lines.append(
+            f"| {item['set']} | {item['direction']} | {_cell(item['word'])} "
+            f"| {_cell(item['top_raw'])} ({item['rank_raw']}) "
+            f"| {_cell(item['top_calibrated'])} ({item['rank_calibrated']}) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rank_line(rank: Mapping[str, Any]) -> str:
+    """One line of the LM ranking for a report."""
+    parts = [
+        f"{r['set']} {r['direction']} P@1 {r['p_at_1_raw']:.3f} raw, "
+        f"{r['p_at_1_calibrated']:.3f} calibrated ({r['hits_raw']} and {r['hits_calibrated']} "
+        f"of {r['n']}; {r['n_candidates']} candidates)"
+        for r in rank["scores"]
+    ]
+    return f"LM ranking ({rank['config']['shots']}-shot, base model): " + "; ".join(parts) + "."
 
 
 def probe_markdown(result: ProbeResult) -> str:

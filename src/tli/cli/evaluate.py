@@ -16,7 +16,7 @@ from tli.cli.options import (
     replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
-from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, EvalConfig
+from tli.evaluate import CSV_NAME, JSON_NAME, MD_NAME, VECTORS_NAME, YARDSTICKS_PNG, EvalConfig
 
 NAME = "evaluate"
 HELP = "base vs. base + adapter: Tables 1 and 2, baseline, margin, retrieval, verdict"
@@ -25,8 +25,11 @@ DESCRIPTION = (
     "base model and with the adapter merged (unmerged on a 4-bit base: merging would "
     "re-quantize); report per set and layer the paper's Table 1 "
     "(mean (std), change, paired t-test) with the mismatched-pair baseline, the margin and "
-    "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2. "
-    "Writes pairs.csv, evaluation.json, evaluation.md and vectors.safetensors to --out."
+    "retrieval P@1, a verdict per set at the final layer (docs/evaluation.md), and Table 2; "
+    "the frozen yardsticks of the base model per layer (a Procrustes map fitted on the trained "
+    "pairs; centred retrieval) and the do-no-harm perplexity check on everyday Swahili and "
+    "English texts (docs/perplexity.md). Writes pairs.csv, evaluation.json, evaluation.md, "
+    "vectors.safetensors and yardsticks.png to --out."
 )
 
 
@@ -36,6 +39,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_pair_arguments(p)
     add_out_arguments(p, "eval", "evaluation")
     add_dataclass_arguments(p, EvalConfig)
+    p.add_argument(
+        "--no-perplexity",
+        dest="perplexity",
+        action="store_const",
+        const=False,
+        default=argparse.SUPPRESS,
+        help="skip the do-no-harm perplexity check (same as --perplexity false)",
+    )
     add_plan_argument(p)
 
 
@@ -45,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tli.evaluate import evaluate
     from tli.models import load_model
+    from tli.perplexity import text_sets
+    from tli.plots import plot_yardsticks
 
     cfg = build(EvalConfig, overrides_from_args(EvalConfig, args))
     if args.plan:
@@ -55,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_only(mcfg.name, trust_remote_code=mcfg.trust_remote_code)
         note = "the adapter runs unmerged on 4-bit weights" if mcfg.load_in_4bit else ""
         return print_plan([model_stage("evaluate", mcfg, config, note=note)], mcfg.device)
+    if cfg.perplexity:
+        text_sets(cfg.texts)  # a bad text file fails before any model is loaded
     check_out(args.out, JSON_NAME, "an evaluation", args.overwrite)
     info, sets, languages, model_cfg = adapter_command(args, "the evaluation")
     with replacing_out(args.out, "evaluate", JSON_NAME, "an evaluation", args.overwrite):
@@ -62,14 +77,15 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model(model_cfg)
         load_s = time.perf_counter() - start
         result = evaluate(loaded, info.dir, sets, cfg, args.out, languages=languages)
-    print("\n".join(result.verdict_lines()))
+        figure = plot_yardsticks(args.out, args.out / YARDSTICKS_PNG)
+    print("\n".join(result.summary_lines()))
     print()
     print(f"Table 1 (final layer, {result.num_layers}):")
     print(result.table1())
     print(
         f"wrote {args.out / CSV_NAME}, {args.out / JSON_NAME}, {args.out / MD_NAME}, "
-        f"{args.out / VECTORS_NAME} (evaluation {result.timings['total_s']:.1f} s after a "
-        f"{load_s:.1f} s load)"
+        f"{args.out / VECTORS_NAME}, {figure} (evaluation {result.timings['total_s']:.1f} s "
+        f"after a {load_s:.1f} s load)"
     )
     sys.stdout.flush()
     return 0

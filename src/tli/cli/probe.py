@@ -14,17 +14,31 @@ from tli.cli.options import (
     replacing_out,
 )
 from tli.config import add_dataclass_arguments, build, overrides_from_args
-from tli.probe import PROBE_JSON, PROBE_MD, SCORES_JSON, SCORES_MD, TEXT_FIELDS, ProbeConfig
+from tli.probe import (
+    PROBE_JSON,
+    PROBE_MD,
+    RANK_JSON,
+    RANK_MD,
+    SCORES_JSON,
+    SCORES_MD,
+    TEXT_FIELDS,
+    ProbeConfig,
+)
 
 NAME = "probe"
-HELP = "generate from base and tuned model; --score: few-shot word translation + McNemar"
+HELP = (
+    "generate from base and tuned model; --score: few-shot word translation + McNemar; "
+    "--rank: the LM-ranking yardstick"
+)
 DESCRIPTION = (
     "Probe an adapter with prompt templates (translation both ways, a "
     "code-switched sentence, a contextual definition): greedy output of the base and the "
     "tuned model side by side (probe.md, probe.json). With --score, also few-shot word "
     "translation of the trained and control sets in both directions, exact match and chrF, "
-    "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). "
-    "See docs/probe.md."
+    "base vs. tuned by McNemar's exact test (probe_scores.md, probe_scores.json). With --rank, "
+    "the LM-ranking yardstick: the base model ranks every candidate translation of a set by "
+    "its log-probability after a few-shot prompt, P@1 raw and calibrated (probe_rank.md, "
+    "probe_rank.json). See docs/probe.md."
 )
 
 
@@ -59,7 +73,12 @@ def run(args: argparse.Namespace) -> int:
     if result.scored:
         print()
         print(result.score_table())
+    if result.rank:
+        from tli.tables import rank_line
+
+        print(rank_line(result.rank))
     files = [PROBE_MD, PROBE_JSON] + ([SCORES_MD, SCORES_JSON] if result.scored else [])
+    files += [RANK_MD, RANK_JSON] if result.rank else []
     print(
         f"wrote {', '.join(str(args.out / f) for f in files)} (probe "
         f"{result.timings['total_s']:.1f} s after a {load_s:.1f} s load)"

@@ -243,7 +243,14 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
         is_local = False
     if is_local:
         model = dataclasses.replace(model, name=str(local.resolve()))
-    return dataclasses.replace(cfg, pairs=pairs, model=model)
+    texts = []
+    for spec in cfg.evaluate.texts:  # NAME=PATH or PATH: keep the name, resolve the path
+        name, sep, path = spec.partition("=")
+        if not sep:
+            name, path = expand_user(spec.strip()).stem, spec
+        texts.append(f"{name.strip()}={expand_user(path.strip()).resolve()}")
+    evaluate = dataclasses.replace(cfg.evaluate, texts=tuple(texts))
+    return dataclasses.replace(cfg, pairs=pairs, model=model, evaluate=evaluate)
 
 
 def to_toml_fragment(values: dict[str, Any]) -> str:

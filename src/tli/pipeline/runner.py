@@ -351,20 +351,33 @@ class Runner:
         write_card(final, evaluation=result)  # the model card now shows Table 1 and verdicts
         self.note(
             "evaluate",
-            verdicts=result.verdict_lines(),
+            verdicts=result.summary_lines(),
             base_vectors_reused=bool(result.timings.get("base_vectors_reused")),
         )
 
     def _probe(self) -> None:
-        """Generated text and scored word translation, when ``[probe] enabled = true``."""
-        if self.cfg.probe.enabled:
+        """Generated text, scored translation (``enabled``), and the LM ranking (``rank``).
+
+        ``[probe] rank = true`` runs the LM-ranking yardstick with or without ``enabled``.
+        """
+        pc = self.cfg.probe
+        if pc.enabled:
             from tli.probe import probe
 
             result = probe(self.full_model(), self.run_dir / "train" / "final",
-                           saved_sets(self.run_dir), self.cfg.probe, self.run_dir / "probe",
-                           score=True, languages=self.languages)
+                           saved_sets(self.run_dir), pc, self.run_dir / "probe",
+                           score=True, rank=pc.rank, languages=self.languages)
             self.note("probe", summary=result.summary_line(), warnings=result.warnings)
-        atomic_write_json(self.run_dir / MARKERS["probe"], {"enabled": self.cfg.probe.enabled})
+        elif pc.rank:
+            from tli.probe import lm_rank
+            from tli.tables import rank_line
+
+            ranking = lm_rank(self.full_model(), saved_sets(self.run_dir), pc,
+                              self.run_dir / "probe", languages=self.languages)
+            self.note("probe", rank=rank_line(ranking))
+        atomic_write_json(
+            self.run_dir / MARKERS["probe"], {"enabled": pc.enabled, "rank": pc.rank}
+        )
 
     def _figures(self) -> None:
         from tli.plots import draw_run_figures
@@ -383,20 +396,25 @@ class Runner:
 def preflight(cfg: RunConfig, saved: Path | None = None) -> None:
     """Check a run's inputs before anything is written: pairs, model, device, training settings.
 
-    Reads and splits the pair files (the pairs stage does it again, cheaply, and the same
-    way) and checks the one leakage rule; finds the model's config and tokenizer and builds the
-    model on the meta device (no weights; an embedded or GGUF model is de-quantised into the
-    cache once, as the scan would); checks the device and 4-bit support, that the full model's
-    weights fit in the free memory (:mod:`tli.memory`) and the tracker; and checks the training
-    settings against the model: a set layer against its depth, loss layers, adapted blocks,
-    target modules, and that the trained pairs give negatives. A layer left to the scan is
-    checked as the deepest one here, and again, once chosen, before training starts.
+    Reads and splits the pair files (the pairs stage does it again, cheaply, and the same way)
+    and checks the one leakage rule; reads the perplexity check's text files; finds the model's
+    config and tokenizer and builds the model on the meta device (no weights; an embedded or
+    GGUF model is de-quantised into the cache once, as the scan would); checks the device and
+    4-bit support, that the full model's weights fit in the free memory (:mod:`tli.memory`) and
+    the tracker; and checks the training settings against the model: a set layer against its
+    depth, loss layers, adapted blocks, target modules, and that the trained pairs give
+    negatives. A layer left to the scan is checked as the deepest one here, and again, once
+    chosen, before training starts.
 
     Args:
         cfg: The run config.
         saved: A resumed run's ``pairs/pairs.tsv``: its pairs stage is done, so the trained
             pairs come from there (the original pair file is no longer needed).
     """
+    if cfg.evaluate.perplexity:
+        from tli.perplexity import text_sets
+
+        text_sets(cfg.evaluate.texts)  # a bad text file fails before the run directory exists
     from tli.train import check_tracker
 
     check_tracker(cfg.train.report_to)
