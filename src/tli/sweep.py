@@ -80,7 +80,7 @@ from typing import Any
 
 import torch
 
-from tli.config import MAX_RESAMPLES, build, check_int, read_toml, to_dict
+from tli.config import MAX_RESAMPLES, build, check_int, check_seed, read_toml, to_dict
 from tli.embed import POOLINGS
 from tli.errors import TLIError
 from tli.io import atomic_write_json, atomic_write_text, ensure_dir
@@ -160,6 +160,7 @@ class SweepConfig:
         check_int("[sweep] n_boot", self.n_boot, 1, MAX_RESAMPLES)
         if not 0 <= self.validation < 1:
             raise TLIError(f"[sweep] validation must be in [0, 1), got {self.validation}")
+        check_seed("[sweep] validation_seed", self.validation_seed)
 
 
 @dataclass(frozen=True)
