@@ -53,7 +53,7 @@ def test_truncated_checkpoint_loads_trains_and_evaluates(name, tmp_path):
     pytest.importorskip("bitsandbytes")
     from peft import PeftModel
 
-    from tli.evaluate import evaluate
+    from tli.evaluate import EvalConfig, evaluate
 
     config = geometry.config(name, **SHRUNK)
     cut = geometry.write_checkpoint(tmp_path / "cut", config, max_layer=2)
@@ -89,7 +89,9 @@ def test_truncated_checkpoint_loads_trains_and_evaluates(name, tmp_path):
     assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 4
     tuned.unload()
     sets = {"trained": PAIRS, "control": [Pair("moto", "fire"), Pair("ndege", "bird")]}
-    ev = evaluate(full, result.adapter_dir, sets, out_dir=tmp_path / "eval")
+    # perplexity off: 248 sentences through a real-width model twice would take minutes here
+    ev = evaluate(full, result.adapter_dir, sets, EvalConfig(perplexity=False),
+                  out_dir=tmp_path / "eval")
     assert ev.adapter["applied"].startswith("merged") and ev.num_layers == 3
     assert any("trained on 4-bit NF4 weights" in w for w in ev.warnings)
 
