@@ -242,6 +242,10 @@ def test_format_change_signs_and_rounding():
     assert line == "Swahili perplexity +3.1% [+2.2, +4.0]"
     line = format_change("English", {"change": -0.0004, "lo": -0.012, "hi": 0.0049})
     assert line == "English perplexity +0.0% [-1.2, +0.5]"
+    line = format_change("English", {"change": 45058.677, "lo": 29738.624, "hi": 70524.442})
+    assert line == "English perplexity x4.5e+04 [x3.0e+04, x7.1e+04]"  # a broken model: a ratio
+    line = format_change("English", {"change": 8.9, "lo": 7.0, "hi": 12.0})
+    assert line == "English perplexity +890.0% [+700.0, +1200.0]"  # below x10 stays in %
 
 
 @pytest.mark.parametrize(

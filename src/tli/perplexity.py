@@ -254,10 +254,16 @@ def _points(x: float) -> str:
 def format_change(language: str, result: dict[str, Any]) -> str:
     """One line such as ``Swahili perplexity +3.1% [+2.2, +4.0]``.
 
+    A rise of tenfold or more reads as a ratio, ``English perplexity x4.5e+04 [x3.0e+04,
+    x7.1e+04]``: seven-digit percentages are hard to read and hide that the model is broken.
+
     Args:
         language: The language's name, as the reader should see it.
         result: A dict from :func:`perplexity_change`.
     """
+    if min(result["change"], result["lo"]) >= 9.0:  # perplexity x10 or more
+        change, lo, hi = (f"x{1.0 + result[k]:.1e}" for k in ("change", "lo", "hi"))
+        return f"{language} perplexity {change} [{lo}, {hi}]"
     change, lo, hi = (_points(result[k]) for k in ("change", "lo", "hi"))
     return f"{language} perplexity {change}% [{lo}, {hi}]"
 
