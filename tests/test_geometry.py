@@ -89,9 +89,11 @@ def test_truncated_checkpoint_loads_trains_and_evaluates(name, tmp_path):
     assert sum("lora_A" in n for n, _ in tuned.named_parameters()) == 4
     tuned.unload()
     sets = {"trained": PAIRS, "control": [Pair("moto", "fire"), Pair("ndege", "bird")]}
-    # perplexity off: 248 sentences through a real-width model twice would take minutes here
-    ev = evaluate(full, result.adapter_dir, sets, EvalConfig(perplexity=False),
+    # perplexity and Procrustes off: 248 sentences through a real-width model twice, and one
+    # SVD of D x D per layer, would take minutes here
+    ev = evaluate(full, result.adapter_dir, sets, EvalConfig(perplexity=False, procrustes=False),
                   out_dir=tmp_path / "eval")
+    assert "turned off" in ev.yardsticks["absent"]["procrustes"]
     assert ev.adapter["applied"].startswith("merged") and ev.num_layers == 3
     assert any("trained on 4-bit NF4 weights" in w for w in ev.warnings)
 

@@ -125,6 +125,8 @@ def score_set(
             None: only the map-free ``centered`` yardstick is computed.
         csls_k: Neighbourhood size of CSLS.
         level: Coverage of the Wilson intervals.
+        fit: Fit the Procrustes map (one SVD of a D x D matrix per layer); False reports the
+            map-free yardstick only, and says so under ``absent``.
 
     Returns:
         One list over L per key ``p_at_1_<dir>_<yardstick>``, ``..._lo``, ``..._hi`` (Wilson),
@@ -177,6 +179,7 @@ def frozen_yardsticks(
     *,
     csls_k: int = 10,
     level: float = 0.95,
+    fit: bool = True,
 ) -> dict[str, Any]:
     """The frozen yardsticks of every set at every layer: fit on the trained set, score all.
 
@@ -186,6 +189,8 @@ def frozen_yardsticks(
         golds: Set name -> bool gold mask ``(B, B)``.
         csls_k: Neighbourhood size of CSLS.
         level: Coverage of the Wilson intervals.
+        fit: Fit the Procrustes map (one SVD of a D x D matrix per layer); False reports the
+            map-free yardstick only, and says so under ``absent``.
 
     Returns:
         A JSON-friendly dict: ``fit_set`` (``trained``, or None when there is none), ``n_fit``,
@@ -196,7 +201,11 @@ def frozen_yardsticks(
     """
     absent: dict[str, str] = {}
     w = None
-    if FIT_SET in src:
+    if not fit:
+        absent["procrustes"] = (
+            "turned off (procrustes = false): only the map-free centred retrieval is reported"
+        )
+    elif FIT_SET in src:
         w = fit_procrustes(src[FIT_SET], tgt[FIT_SET])  # (L, D, D): trained pairs only
     else:
         absent["procrustes"] = (
