@@ -31,6 +31,30 @@ from tli.errors import TLIError
 LANGUAGES: dict[str, str] = {"sw": "Swahili", "en": "English"}
 
 
+def read_sentences(file: Any, where: str) -> list[str]:
+    """The lines of a UTF-8 text file of sentences, one per line, none blank.
+
+    Args:
+        file: A path or an ``importlib.resources`` file (anything with ``read_bytes``).
+        where: How messages name the file, e.g. ``bundled texts tli/data/texts_sw.txt``.
+
+    Raises:
+        TLIError: the file cannot be read, is not UTF-8, or has a blank line.
+    """
+    from tli.errors import first_line
+
+    try:
+        lines = file.read_bytes().decode("utf-8").splitlines()
+    except OSError as err:
+        raise TLIError(f"{where}: cannot read: {first_line(err)}") from None
+    except UnicodeDecodeError as err:
+        raise TLIError(f"{where}: not UTF-8: {err}") from None
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            raise TLIError(f"{where}: line {i} is blank")
+    return lines
+
+
 def load_texts() -> dict[str, list[str]]:
     """The bundled everyday sentences, by language code (:data:`LANGUAGES`), in file order.
 
@@ -44,17 +68,9 @@ def load_texts() -> dict[str, list[str]]:
     texts: dict[str, list[str]] = {}
     for code in LANGUAGES:
         name = f"tli/data/texts_{code}.txt"
-        try:
-            data = resources.files("tli").joinpath(f"data/texts_{code}.txt").read_bytes()
-            lines = data.decode("utf-8").splitlines()
-        except OSError as err:
-            raise TLIError(f"bundled texts {name}: cannot read: {err}") from None
-        except UnicodeDecodeError as err:
-            raise TLIError(f"bundled texts {name}: not UTF-8: {err}") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                raise TLIError(f"bundled texts {name}: line {i} is blank")
-        texts[code] = lines
+        texts[code] = read_sentences(
+            resources.files("tli").joinpath(f"data/texts_{code}.txt"), f"bundled texts {name}"
+        )
     return texts
 
 

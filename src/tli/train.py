@@ -1237,6 +1237,8 @@ def preserve_texts(path: str | None = None) -> list[str]:
     Raises:
         TLIError: the file cannot be read, is not UTF-8, has a blank line or no line.
     """
+    from tli.perplexity import read_sentences
+
     if path is None:
         from importlib import resources
 
@@ -1246,15 +1248,7 @@ def preserve_texts(path: str | None = None) -> list[str]:
         files = [(str(path), Path(path))]
     texts: list[str] = []
     for name, file in files:
-        try:
-            lines = file.read_bytes().decode("utf-8").splitlines()
-        except OSError as err:
-            raise TLIError(f"preserve_texts {name}: cannot read: {first_line(err)}") from None
-        except UnicodeDecodeError as err:
-            raise TLIError(f"preserve_texts {name}: not UTF-8: {err}") from None
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                raise TLIError(f"preserve_texts {name}: line {i} is blank")
+        lines = read_sentences(file, f"preserve_texts {name}")
         if not lines:
             raise TLIError(f"preserve_texts {name}: no sentence")
         texts += lines
