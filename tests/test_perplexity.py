@@ -270,3 +270,13 @@ def test_change_bad_settings():
         perplexity_change((nll, counts), (nll, counts), n_boot=0)
     with pytest.raises(TLIError, match="level"):
         perplexity_change((nll, counts), (nll, counts), level=1.0)
+
+
+def test_the_bundled_texts_follow_the_runs_languages():
+    from tli.perplexity import bundled_codes, text_sets
+
+    assert bundled_codes(("Swahili", "English")) == ["sw", "en"]
+    assert bundled_codes(("German", "English")) == ["en"]  # no Swahili in a German run
+    assert bundled_codes(("de", "fr")) == []
+    assert bundled_codes(("source", "target")) == ["sw", "en"]  # unnamed: both
+    assert list(text_sets(languages=("German", "en"))) == ["en"]

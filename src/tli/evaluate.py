@@ -681,11 +681,27 @@ def _training_pair_warnings(info: AdapterInfo, sets: Mapping[str, Sequence[Any]]
     return out
 
 
-def _harm_texts(cfg: EvalConfig) -> dict[str, dict[str, Any]]:
-    """The texts of the do-no-harm check (:func:`tli.perplexity.text_sets`); none when it is off."""
-    from tli.perplexity import text_sets
+def _harm_texts(
+    cfg: EvalConfig, languages: Sequence[str], notes: list[str]
+) -> dict[str, dict[str, Any]]:
+    """The texts of the do-no-harm check (:func:`tli.perplexity.text_sets`); none when it is off.
 
-    return text_sets(cfg.texts) if cfg.perplexity else {}
+    A run's language without bundled sentences or a ``--texts`` file of its name is a note.
+    """
+    from tli.perplexity import UNNAMED, bundled_codes, text_sets
+
+    if not cfg.perplexity:
+        return {}
+    texts = text_sets(cfg.texts, languages=languages)
+    names = {key.casefold() for key in texts} | {v["name"].casefold() for v in texts.values()}
+    if tuple(languages) != UNNAMED:
+        for language in languages:
+            if language.casefold() not in names and not bundled_codes([language]):
+                notes.append(
+                    f"do no harm: tli bundles no sentences in {language}; pass "
+                    f"--texts {language}=PATH to measure its perplexity"
+                )
+    return texts
 
 
 def _harm(
@@ -785,7 +801,7 @@ def evaluate(
         )
     if not info.meta:
         notes.append(f"adapter {info.dir} has no {ADAPTER_META}: its training layer is unknown")
-    harm_texts = _harm_texts(cfg)
+    harm_texts = _harm_texts(cfg, languages, notes)
     if out_dir is not None:
         from tli.io import ensure_dir
 

@@ -317,12 +317,31 @@ def read_text_file(spec: str) -> tuple[str, str, list[str]]:
     return name, path, sentences
 
 
-def text_sets(files: Sequence[str] = (), *, bundled: bool = True) -> dict[str, dict[str, Any]]:
+#: The language names of a pair whose languages are not named (tli.pairs' neutral defaults).
+UNNAMED = ("source", "target")
+
+
+def bundled_codes(languages: Sequence[str] = UNNAMED) -> list[str]:
+    """The bundled text sets of a run's languages: those whose name or code is one of them.
+
+    Both sets when the languages are unnamed (``source``, ``target``), since tli cannot tell.
+    """
+    if tuple(languages) == UNNAMED:
+        return list(LANGUAGES)
+    wanted = {str(name).casefold() for name in languages}
+    return [c for c, name in LANGUAGES.items() if c in wanted or name.casefold() in wanted]
+
+
+def text_sets(
+    files: Sequence[str] = (), *, bundled: bool = True, languages: Sequence[str] = UNNAMED
+) -> dict[str, dict[str, Any]]:
     """The texts of the do-no-harm check: the bundled ones, then the user's files.
 
     Args:
         files: ``NAME=PATH`` or ``PATH`` specs (:func:`read_text_file`).
-        bundled: Include the bundled Swahili and English sentences (:func:`load_texts`).
+        bundled: Include the bundled sentences of the run's languages (:func:`load_texts`,
+            :func:`bundled_codes`): a German-English run measures the English ones only.
+        languages: The run's (source, target) language names.
 
     Returns:
         Key -> ``{"name", "source", "texts"}``: key ``sw`` / ``en`` for the bundled sets (named by
@@ -333,9 +352,14 @@ def text_sets(files: Sequence[str] = (), *, bundled: bool = True) -> dict[str, d
     """
     out: dict[str, dict[str, Any]] = {}
     if bundled:
+        codes = bundled_codes(languages)
         for code, texts in load_texts().items():
+            if code not in codes:
+                continue
+            # named as the run names the language (its pair config), e.g. "en" or "English"
+            own = [n for n in languages if str(n).casefold() in (code, LANGUAGES[code].casefold())]
             out[code] = {
-                "name": LANGUAGES[code],
+                "name": own[0] if own else LANGUAGES[code],
                 "source": f"tli/data/texts_{code}.txt (bundled)",
                 "texts": texts,
             }
