@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -1077,7 +1077,9 @@ def train(
             model, tok, pairs, cfg, the_plan, loaded, prefix_cache_store
         )
     cache_seconds = time.perf_counter() - cache_start
-    preserve = _preserve_batches(model, tok, cfg, loaded.num_layers, accelerator)
+    preserve = _preserve_batches(
+        model, tok, cfg, loaded.num_layers, accelerator, cache.k if cache is not None else 0
+    )
     bank = _target_bank(model, tok, pairs, cfg, the_plan, loaded.num_layers, world)
     steps_per_epoch = len(batches_for_epoch(len(pairs), cfg.batch_size * world, cfg.seed, 0))
     total_steps = steps_per_epoch * cfg.epochs
@@ -1132,8 +1134,13 @@ def train(
                     cfg, anchors, positives, gold, the_plan.loss_weights, state.running
                 )
             if preserve:
-                enc_text, reference = preserve[state.step % len(preserve)]
-                with accelerator.autocast():
+                enc_text, reference, entering = preserve[state.step % len(preserve)]
+                from_k = (
+                    surgery.start_at_block(model, cache.k, entering)
+                    if entering is not None
+                    else nullcontext()
+                )
+                with accelerator.autocast(), from_k:
                     states = hidden_states(
                         model,
                         enc_text["input_ids"],
@@ -1320,14 +1327,17 @@ def _bank_objective(
 
 
 def _preserve_batches(
-    model: torch.nn.Module, tok: Any, cfg: TrainConfig, n: int, accelerator: Any
-) -> list[tuple[dict, torch.Tensor]]:
-    """Tokenised sentence batches and the frozen model's final-layer states for each.
+    model: torch.nn.Module, tok: Any, cfg: TrainConfig, n: int, accelerator: Any, k: int = 0
+) -> list[tuple[dict, torch.Tensor, torch.Tensor | None]]:
+    """Tokenised sentence batches, the frozen model's final-layer states and its block-k input.
 
     The sentences are shuffled once (seeded by ``cfg.seed``) into batches of
     ``cfg.preserve_batch``; step s uses batch ``s mod count``, so a resumed run sees the same
     ones. The reference states come from the model with its adapters disabled (the base model),
-    computed once before the first step. Empty when ``cfg.preserve_weight`` is 0.
+    computed once before the first step. With ``k`` >= 1 (a frozen-prefix cache: blocks below k
+    carry no adapter) the states entering block k are kept too, and every step's pass over the
+    sentences starts there, as the word pairs' passes do: the same states, without running
+    blocks 0..k-1 again. Empty when ``cfg.preserve_weight`` is 0.
     """
     if cfg.preserve_weight <= 0:
         return []
@@ -1339,10 +1349,10 @@ def _preserve_batches(
         for start in range(0, len(order), cfg.preserve_batch):
             batch = [texts[i] for i in order[start : start + cfg.preserve_batch]]
             enc = tokenize(tok, batch, accelerator.device)
-            ref = hidden_states(
-                model, enc["input_ids"], enc["attention_mask"], [n], num_layers=n
-            )[n]  # (b, T, D)
-            out.append((enc, ref.float()))
+            states = hidden_states(
+                model, enc["input_ids"], enc["attention_mask"], sorted({k, n}), num_layers=n
+            )  # layer -> (b, T, D)
+            out.append((enc, states[n].float(), states[k] if k else None))
     return out
 
 
