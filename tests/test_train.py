@@ -644,6 +644,40 @@ def test_lexicon_negatives_train_sources_against_the_frozen_targets(tiny_model_d
     ):
         with pytest.raises(TLIError, match=needle):
             TrainConfig(**{"negatives": "lexicon", **bad})
+def test_hold_targets_keeps_the_adapted_targets_at_their_frozen_vectors(tiny_model_dir, tmp_path):
+    """The lexicon bank holds the frozen targets, but an evaluation embeds the targets through
+    the adapted model; hold_targets keeps each adapted target retrieving its own frozen vector,
+    and the sources retrieve the adapted targets better than without it."""
+    from tli.embed import embed_strings
+    from tli.metrics import centered_report
+    from tli.pairs import gold_mask
+
+    sources, targets = [p.source for p in PAIRS], [p.target for p in PAIRS]
+    own, gold = torch.eye(len(PAIRS), dtype=torch.bool), gold_mask(PAIRS)
+    held, evaluated = {}, {}
+    for hold in (0.0, 5.0):
+        cfg = TrainConfig(
+            layer=2, loss="info_nce", negatives="lexicon", center="batch", temperature=0.1,
+            hold_targets=hold, **{**FAST, "epochs": 6},
+        )  # fmt: skip
+        train(load_model(ModelConfig(str(tiny_model_dir)), max_layer=2), PAIRS, cfg,
+              tmp_path / f"h{hold}", progress=False)  # fmt: skip
+        base = load_model(ModelConfig(str(tiny_model_dir)), max_layer=2)
+        bank = embed_strings(base.model, base.tokenizer, targets, [2], num_layers=4)[0]
+        tuned = PeftModel.from_pretrained(base.model, tmp_path / f"h{hold}" / "final")
+        post_t = embed_strings(tuned, base.tokenizer, targets, [2], num_layers=4)[0]
+        post_s = embed_strings(tuned, base.tokenizer, sources, [2], num_layers=4)[0]
+        held[hold] = float(centered_report(post_t, bank, own)["mrr_centered"])
+        evaluated[hold] = float(centered_report(post_s, post_t, gold)["mrr_centered"])
+        meta = json.loads((tmp_path / f"h{hold}" / "final" / "tli_adapter.json").read_text())
+        assert meta["hold_targets"] == hold
+    # measured: own-vector MRR 0.958 -> 1.0; source -> adapted target MRR 0.484 -> 0.520
+    assert held[0.0] < 1.0 and held[5.0] == 1.0, held
+    assert evaluated[5.0] > evaluated[0.0], evaluated
+    with pytest.raises(TLIError, match="hold_targets needs negatives = lexicon"):
+        TrainConfig(loss="info_nce", hold_targets=1.0)
+
+
 # --- training curves: trackers ----------------------------------------------------------------
 
 

@@ -179,6 +179,15 @@ class TrainConfig:
             "lexicon_info_nce; info_nce only, source->target, one process). tli"
         },
     )
+    hold_targets: float = field(
+        default=0.0,
+        metadata={
+            "help": "with negatives = lexicon: weight of a term in which each batch's target "
+            "words, through the adapted model, must retrieve their own frozen vectors from the "
+            "same bank, so the targets stay where the source words are pulled to (costs a pass "
+            "over the targets); 0: off. tli"
+        },
+    )
     preserve_weight: float = field(
         default=0.0,
         metadata={
@@ -274,6 +283,9 @@ class TrainConfig:
             raise TLIError(
                 "negatives = lexicon takes center = batch or none and no uniformity term"
             )
+        check_range("hold_targets", self.hold_targets, 0.0, 1e6)
+        if self.hold_targets and self.negatives != "lexicon":
+            raise TLIError("hold_targets needs negatives = lexicon (it reuses its bank)")
         check_range("preserve_weight", self.preserve_weight, 0.0, 1e6)
         check_range("preserve_batch", self.preserve_batch, 1, MAX_BATCH)
         if self.adapt_layers is not None:
@@ -619,6 +631,7 @@ def _adapter_meta(loaded: Any, cfg: TrainConfig, card: Mapping[str, Any]) -> dic
         "uniformity_weight": cfg.uniformity_weight,
         "preserve_weight": cfg.preserve_weight,
         "negatives": cfg.negatives,
+        "hold_targets": cfg.hold_targets,
         "pooling": cfg.pooling,
         "adapt_all_layers": cfg.adapt_all_layers,
         "adapt_layers": None if p.adapt is None else list(p.adapt),
@@ -1112,7 +1125,7 @@ def train(
             if world > 1:
                 index = index[: (len(index) // world) * world]
             texts = [pairs[i].source for i in local]
-            if bank is None:
+            if bank is None or cfg.hold_targets:
                 texts += [pairs[i].target for i in local]
             enc = tokenize(tok, texts, accelerator.device)
             with accelerator.autocast(), _from_cache(model, cache, texts, enc):
@@ -1125,7 +1138,10 @@ def train(
                 )  # (L, 2b, D)
             b = len(local)
             if bank is not None:
-                out = _bank_objective(cfg, vec, bank, index, the_plan.loss_weights)
+                out = _bank_objective(cfg, vec[:, :b], bank, index, the_plan.loss_weights)
+                if cfg.hold_targets:
+                    held = _bank_objective(cfg, vec[:, b:], bank, index, the_plan.loss_weights)
+                    out = out._replace(loss=out.loss + cfg.hold_targets * held.loss)
             else:
                 anchors = [_gather_with_grad(v[:b].float(), accelerator) for v in vec]  # (B, D)
                 positives = [_gather_with_grad(v[b:].float(), accelerator) for v in vec]
