@@ -6,8 +6,11 @@ trained-set P@1 against control P@1, and the larger of the two languages' perple
 against control P@1. Reference lines mark the goals given on the command line. ``--mark``
 names the cell (its axes without the seed, as in sweep.md) a preset takes.
 
-    python scripts/frontier.py runs/sweep-inject --out docs/img/inject_frontier.png \\
-        --control-goal 0.077 --trained-goal 0.9 --ppl-goal 0.05 --mark "objective=nce_lr2e-3"
+    python scripts/frontier.py runs/sweep-inject runs/sweep-inject-bank \\
+        --out docs/img/inject_frontier.png --control-goal 0.077 --trained-goal 0.9 \\
+        --ppl-goal 0.05 --mark "objective=nce_lr2e-3"
+
+Several sweep directories (rounds of one search) are drawn on one figure.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def cell_points(sweep_dir: Path, figure: str = "p_at_1_s2t_centered") -> list[di
 def main(argv: list[str] | None = None) -> None:
     """Draw the figure; print the points as JSON lines."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("sweep_dir", type=Path)
+    p.add_argument("sweep_dirs", type=Path, nargs="+", metavar="sweep_dir")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--control-goal", type=float, default=None)
     p.add_argument("--trained-goal", type=float, default=None)
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = cell_points(args.sweep_dir)
+    points = [q for d in args.sweep_dirs for q in cell_points(d)]
     for point in points:
         print(json.dumps(point))
     with_ppl = all("ppl" in q for q in points)
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         ax.set_xlabel("control P@1 (centred, final layer)")
         ax.set_ylabel(ylabel + (" (%)" if key == "ppl" else ""))
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{args.sweep_dir.name}: each cell, mean over its seeds; dashed: the goals")
+    names = ", ".join(d.name for d in args.sweep_dirs)
+    fig.suptitle(f"{names}: each cell, mean over its seeds; dashed: the goals")
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=130)

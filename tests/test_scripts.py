@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 
 
-def test_frontier_averages_each_cell_over_its_seeds(tmp_path):
+def test_frontier_averages_each_cell_over_its_seeds(tmp_path, capsys):
     import json
 
     spec = importlib.util.spec_from_file_location("frontier", ROOT / "scripts" / "frontier.py")
@@ -31,3 +31,7 @@ def test_frontier_averages_each_cell_over_its_seeds(tmp_path):
     assert "validation" not in point
     frontier.main([str(tmp_path), "--out", str(tmp_path / "f.png"), "--mark", "objective=a"])
     assert (tmp_path / "f.png").stat().st_size > 0
+    # two rounds of a search on one figure: every cell of each
+    capsys.readouterr()
+    frontier.main([str(tmp_path), str(tmp_path), "--out", str(tmp_path / "g.png")])
+    assert len(capsys.readouterr().out.splitlines()) == 2
