@@ -30,6 +30,7 @@ def cell_points(sweep_dir: Path, figure: str = "p_at_1_s2t_centered") -> list[di
         groups.setdefault(label, []).append(record)
     points = []
     for label, records in groups.items():
+
         def mean(values: list[float]) -> float:
             return sum(values) / len(values)
 
