@@ -11,7 +11,10 @@ Reads ``SWEEP/cells/*/cell.json`` (a ``tli sweep`` of the preset's training with
 * do no harm: the perplexity change per language per seed, with its paired bootstrap CI;
 * training time per seed.
 
-    python benchmarks/inject_goals.py runs/inject-seeds runs/yardsticks.json
+    python benchmarks/inject_goals.py runs/inject-seeds runs/yardsticks.json \\
+        --objective lex_lr2e-3_preserve50
+
+``--objective`` keeps the cells of one objective when the sweep trained several.
 """
 
 from __future__ import annotations
@@ -31,8 +34,16 @@ def main() -> None:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("yardsticks", type=Path)
     parser.add_argument("--n-boot", type=int, default=10000)
+    parser.add_argument("--objective", default=None, help="only the cells of this objective")
     args = parser.parse_args()
     records = [json.loads(p.read_text()) for p in sorted(args.sweep_dir.glob("cells/*/cell.json"))]
+    if args.objective is not None:
+        records = [r for r in records if r["axes"].get("objective") == args.objective]
+    if not records:
+        raise SystemExit(
+            f"{args.sweep_dir}: no finished cell"
+            + (f" of objective {args.objective!r}" if args.objective else "")
+        )
     yard = json.loads(args.yardsticks.read_text())["best_control"]
     y_hits = np.asarray(yard["hits"], dtype=float)  # (B,)
     hits = np.asarray([r["hits_s2t_centered"] for r in records], dtype=float)  # (S, B)
@@ -48,8 +59,10 @@ def main() -> None:
             "control_p1": k / n,
             "control_ci": [round(lo, 4), round(hi, 4)],
             "trained_p1": r["trained"]["post"]["p_at_1_s2t_centered"],
-            "ppl": {c: [round(v[x], 4) for x in ("change", "lo", "hi")]
-                    for c, v in r["perplexity"].items()},  # fmt: skip
+            "ppl": {
+                c: [round(v[x], 4) for x in ("change", "lo", "hi")]
+                for c, v in r["perplexity"].items()
+            },  # fmt: skip
             "train_seconds": r["train_seconds"],
         }
         rows.append(row)
