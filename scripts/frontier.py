@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
             ax.axhline(100 * goal if key == "ppl" else goal, color="grey", ls="--", lw=0.8)
         if key == "ppl":
             ax.set_yscale("symlog", linthresh=10)  # +2% and +2000% on one axis
+            lowest = min(100 * q["ppl"] for q in points)
+            ax.set_ylim(bottom=min(-10.0, 2 * lowest))  # not the mirror image of the top
         ax.set_xlabel("control P@1 (centred, final layer)")
         ax.set_ylabel(ylabel + (" (%)" if key == "ppl" else ""))
         ax.grid(alpha=0.3)
