@@ -1366,7 +1366,7 @@ def _preserve_batches(
             batch = [texts[i] for i in order[start : start + cfg.preserve_batch]]
             enc = tokenize(tok, batch, accelerator.device)
             states = hidden_states(
-                model, enc["input_ids"], enc["attention_mask"], sorted({k, n}), num_layers=n
+                model, enc["input_ids"], enc["attention_mask"], [k, n] if k else [n], num_layers=n
             )  # layer -> (b, T, D)
             out.append((enc, states[n].float(), states[k] if k else None))
     return out
